@@ -116,24 +116,24 @@ def _spectrum(target: TargetStats, weights: torch.Tensor, biases: torch.Tensor):
     keep-mask (B, k), from the Gram matrix of K = R [W, b]^T."""
     w_aug = torch.cat([weights, biases.unsqueeze(-1)], dim=2).to(target.r)  # (B, D, d+1)
     k = target.r @ w_aug.transpose(1, 2)  # (B, rq, D)
-    rq, out_dim = k.shape[1], k.shape[2]
-    if rq <= out_dim:
-        # Kernel side (n <= D): eigh of K K^T; P^T (Q^T y) are the projections directly.
-        # hfselect keeps all min(n, D) singular values here, however small.
-        sigma, p = torch.linalg.eigh(k @ k.transpose(1, 2))
-        sigma = sigma.clamp_min(0.0)
-        x = p.transpose(1, 2) @ target.qty
-        keep = torch.ones_like(sigma, dtype=torch.bool)
-    else:
-        # Feature side (n > D): eigh of K^T K; U^T y = diag(1/s) V^T K^T (Q^T y).
-        sigma, v = torch.linalg.eigh(k.transpose(1, 2) @ k)
-        sigma = sigma.clamp_min(0.0)
-        s = sigma.sqrt()
-        keep = s > RANK_TOL
-        x = (v.transpose(1, 2) @ (k.transpose(1, 2) @ target.qty)) / torch.where(keep, s, 1.0).unsqueeze(-1)
-        x = torch.where(keep.unsqueeze(-1), x, 0.0)
-        sigma = torch.where(keep, sigma, 0.0)
-    return sigma, x * x, keep
+    if k.shape[1] <= k.shape[2]:
+        return gram_spectrum(target, k @ k.transpose(1, 2))
+    # Feature side (n > D): eigh of K^T K; U^T y = diag(1/s) V^T K^T (Q^T y), and like
+    # hfselect we drop singular values <= RANK_TOL.
+    sigma, v = torch.linalg.eigh(k.transpose(1, 2) @ k)
+    s = sigma.clamp_min(0.0).sqrt()
+    keep = s > RANK_TOL
+    x = (v.transpose(1, 2) @ (k.transpose(1, 2) @ target.qty)) / torch.where(keep, s, 1.0).unsqueeze(-1)
+    x = torch.where(keep.unsqueeze(-1), x, 0.0)
+    return torch.where(keep, s * s, 0.0), x * x, keep
+
+
+def gram_spectrum(target: TargetStats, gram: torch.Tensor):
+    """Kernel side: eigh of G = K K^T (B, rq, rq); P^T (Q^T y) are the projections. Like
+    hfselect (n <= D) we keep every eigenvalue, however small."""
+    sigma, p = torch.linalg.eigh(gram)
+    x = p.transpose(1, 2) @ target.qty
+    return sigma.clamp_min(0.0), x * x, torch.ones_like(sigma, dtype=torch.bool)
 
 
 def evidence_from_spectrum(

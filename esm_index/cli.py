@@ -1,0 +1,294 @@
+"""``esm-index``: a thin click shell over ``SourceIndex``.
+
+Heavy imports (torch, transformers, faiss) happen inside commands, so ``--help`` is instant.
+Every ``EsmIndexError`` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_INDEX = Path(__file__).resolve().parent.parent / "indexes" / "default"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def friendly(fn):
+    """Turn our typed errors (and unreadable inputs) into one line and exit code 2."""
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import EsmIndexError
+
+        try:
+            return fn(*args, **kwargs)
+        except EsmIndexError as exc:
+            _fail(str(exc))
+        except (OSError, ValueError) as exc:
+            _fail(f"{exc.__class__.__name__}: {exc}")
+    return wrapper
+
+
+def _open(folder, readonly: bool = False):
+    from .index import SourceIndex
+
+    return SourceIndex(folder, readonly=readonly)
+
+
+def default_index_path() -> Path:
+    """The shipped pool: $ESM_INDEX_DEFAULT, else indexes/default of this checkout."""
+    return Path(os.environ.get("ESM_INDEX_DEFAULT", DEFAULT_INDEX))
+
+
+@click.group()
+@click.version_option(package_name="esm-index")
+def main() -> None:
+    """Rank public source datasets for intermediate-task transfer to your target task
+    (ESM-LogME, Schulte et al., EMNLP 2024), from a vector-index-backed pool."""
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Local base-model folder (default: packaged all-MiniLM-L6-v2).")
+@click.option("--model-name", default=None, help="Public name recorded in the manifest (default: the packaged model's).")
+@click.option("--pooling", type=click.Choice(["mean", "cls", "pooler"]), default="mean", show_default=True)
+@click.option("--normalize/--no-normalize", default=False, show_default=True)
+@click.option("--max-length", type=int, default=128, show_default=True)
+@click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--probe-dim", type=int, default=32, show_default=True, help="Prefilter summary size k (k(k+1)/2 floats).")
+@friendly
+def init(folder, model_path, model_name, pooling, normalize, max_length, esm_dtype, probe_dim):
+    """Create an empty index for one base model and pooling."""
+    from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec
+    from .index import SourceIndex
+
+    name = model_name or (DEFAULT_MODEL_NAME if model_path is None else Path(model_path).name)
+    spec = EmbeddingSpec(name, pooling, normalize, max_length)
+    with SourceIndex.create(folder, model_path, spec, esm_dtype=esm_dtype, probe_dim=probe_dim) as index:
+        click.echo(f"created {folder} for {name} ({index.manifest['dim']}-d, {pooling} pooling)")
+
+
+@main.command("import")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("esm_folders", nargs=-1, required=True, type=click.Path())
+@click.option("--name-from", type=click.Choice(["config", "folder"]), default="config", show_default=True,
+              help="Source name: the ESM config's task_id[:subset], or the folder name.")
+@friendly
+def import_(folder, esm_folders, name_from):
+    """Import hfselect ESM folders in bulk (resumable: present names are skipped)."""
+    from tqdm.auto import tqdm
+
+    from .errors import EsmIndexError
+    from .esm import ESM
+
+    failures = []
+
+    def items():
+        for path in tqdm(esm_folders, desc="importing", unit="ESM", disable=not sys.stderr.isatty()):
+            try:
+                esm = ESM.load(path)
+            except EsmIndexError as exc:
+                failures.append(str(exc))
+                continue
+            yield _source_name(esm.meta, Path(path), name_from), esm
+
+    with _open(folder) as index:
+        added, skipped = index.add_esms(items())
+        index.rebuild()
+    click.echo(f"imported {added}, skipped {skipped} already present, {len(failures)} failed; {folder} holds {added + skipped} of them")
+    if failures:
+        for line in failures:
+            click.echo(f"error: {line}", err=True)
+        sys.exit(2)
+
+
+def _source_name(meta: dict, path: Path, name_from: str) -> str:
+    if name_from == "config" and meta.get("task_id"):
+        return meta["task_id"] + (f":{meta['task_subset']}" if meta.get("task_subset") else "")
+    return path.resolve().name
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("data_file", type=click.Path())
+@click.option("--text-col", "text_cols", multiple=True, required=True)
+@click.option("--label-col", "label_cols", multiple=True, required=True)
+@click.option("--task", type=click.Choice(["classification", "regression"]), default=None)
+@click.option("--name", default=None, help="Source name (default: the file's stem).")
+@click.option("--language", default=None)
+@click.option("--tag", "tags", multiple=True)
+@click.option("--max-examples", type=int, default=10_000, show_default=True, help="Fine-tuning sample cap.")
+@click.option("--fit-examples", type=int, default=10_000, show_default=True, help="Texts used to fit the ESM.")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--max-length", type=int, default=None, help="Fine-tuning truncation (default: the index's).")
+@friendly
+def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, epochs, max_length):
+    """Fine-tune the base model on a labelled file, fit its ESM, add it as a source."""
+    from .data import load_labelled
+    from .finetune import FinetuneConfig, build_esm
+
+    data = load_labelled(data_file, text_cols, label_cols, task)
+    name = name or Path(data_file).stem
+    cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_length=max_length)
+    with _open(folder) as index:
+        esm = build_esm(index.embedder, data, cfg, progress=sys.stderr.isatty())
+        esm.meta.update({"task_id": name, "num_examples": len(data), "language": language, "tags": list(tags),
+                         "label_names": data.label_names, "provenance": str(Path(data_file).resolve())})
+        index.add_esm(name, esm)
+        index.rebuild()
+    fit = esm.meta["fit"]
+    click.echo(f"added {name}: held-out fit mse {fit['heldout_mse']:.3g} (identity map {fit['identity_mse']:.3g})")
+
+
+@main.command()
+@click.argument("target_file", type=click.Path())
+@click.option("--index", "folder", type=click.Path(), default=None, help="Index folder (default: the shipped pool).")
+@click.option("--text-col", "text_cols", multiple=True, required=True)
+@click.option("--label-col", "label_cols", multiple=True, required=True)
+@click.option("--task", type=click.Choice(["classification", "regression"]), default=None)
+@click.option("--top", type=int, default=10, show_default=True)
+@click.option("--shortlist", type=int, default=None, help="Sources scored exactly after the prefilter (default 32).")
+@click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter).")
+@click.option("--task-type", "f_task", default=None, help="Only sources of this task type.")
+@click.option("--language", "f_language", default=None, help="Only sources in this language.")
+@click.option("--tag", "f_tags", multiple=True, help="Only sources with this tag (repeatable).")
+@click.option("--min-size", type=int, default=None, help="Only sources with at least this many examples.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@friendly
+def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, exact, f_task, f_language, f_tags,
+         min_size, as_json, as_csv):
+    """Rank the pool's sources for a labelled target file (CSV, JSONL or Parquet)."""
+    from .data import load_labelled
+    from .index import DEFAULT_SHORTLIST, Filters
+
+    if top < 1 or (shortlist is not None and shortlist < 1):
+        _fail("--top and --shortlist must be positive")
+    data = load_labelled(target_file, text_cols, label_cols, task)
+    filters = Filters(f_task, f_language, f_tags, min_size)
+    with _open(folder or default_index_path(), readonly=True) as index:
+        ranking = index.rank(data.texts, data.labels, data.task, top=top, exact=exact,
+                             shortlist=shortlist or DEFAULT_SHORTLIST, filters=filters,
+                             progress=sys.stderr.isatty() and not (as_json or as_csv))
+    if as_json:
+        click.echo(json.dumps(ranking.to_dict(), indent=2))
+    elif as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["rank", "source", "score", "approx_score", "language", "num_examples"])
+        for r in ranking.results:
+            writer.writerow([r["rank"], r["source"], f"{r['score']:.6f}", r.get("approx_score", ""),
+                             r["meta"].get("language", ""), r["meta"].get("num_examples", "")])
+    else:
+        click.echo(f"{len(data)} target examples, {ranking.pool_size} sources, "
+                   f"{sum(ranking.timings.values()):.2f} s")
+        click.echo(f"{'rank':>4}  {'score':>9}  source")
+        for r in ranking.results:
+            extra = r["meta"].get("name") or r["meta"].get("language") or ""
+            click.echo(f"{r['rank']:>4}  {r['score']:>9.4f}  {r['source']}" + (f"  ({extra})" if extra else ""))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def info(folder, as_json):
+    """The index's manifest and size."""
+    from .prefilter import FAISS_FILE
+
+    with _open(folder, readonly=True) as index:
+        m = index.manifest
+        faiss_path = Path(folder) / FAISS_FILE
+        data = {"sources": len(index), "model": m["embedding"]["model_name"], "embedding": m["embedding"],
+                "dim": m["dim"], "esm_dtype": m["esm_dtype"], "summary_dim": m["summary_dim"],
+                "schema_version": m["schema_version"], "generation": index.store.generation(),
+                "lmdb_bytes": index.store.disk_bytes(),
+                "faiss_bytes": faiss_path.stat().st_size if faiss_path.exists() else 0}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key}: {value}")
+
+
+@main.command("list")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def list_(folder, as_json):
+    """The sources in the index."""
+    with _open(folder, readonly=True) as index:
+        sources = index.sources()
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in s.items() if k not in ("fit", "finetune")} for s in sources], indent=2))
+        return
+    for s in sources:
+        click.echo(f"{s['name']}\t{s.get('task_type', '')}\t{s.get('language') or ''}\t{s.get('num_examples') or ''}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+@friendly
+def remove(folder, names):
+    """Remove sources by name."""
+    with _open(folder) as index:
+        missing = index.remove(names)
+        index.rebuild()
+    if missing:
+        _fail(f"no source named {', '.join(missing)}")
+    click.echo(f"removed {len(names)}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hfselect"]), default="hfselect", show_default=True)
+@friendly
+def export(folder, out, fmt):
+    """Write every source as an ESM folder hfselect can load."""
+    with _open(folder, readonly=True) as index:
+        count = index.export(out)
+    click.echo(f"exported {count} ESMs to {out}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@friendly
+def verify(folder):
+    """Check LMDB and FAISS agree and every weight is finite; exit 0 only when clean."""
+    with _open(folder, readonly=True) as index:
+        problems = index.verify()
+        count = len(index)
+    if problems:
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {count} sources, LMDB and FAISS agree")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@friendly
+def rebuild(folder):
+    """Rebuild the FAISS prefilter from LMDB."""
+    with _open(folder) as index:
+        index.rebuild()
+        click.echo(f"rebuilt the prefilter over {len(index)} sources")
+
+
+if __name__ == "__main__":
+    main()

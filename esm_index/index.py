@@ -1,0 +1,408 @@
+"""``SourceIndex``: the Python API that ties embedding, store, prefilter and scorer together.
+
+A query reads straight down one path:
+
+    texts --embed--> X --TargetStats--> FAISS shortlist (linearised subspace LogME)
+          --> approximate rerank (subspace LogME from summaries) --> exact ESM-LogME --> ranking
+
+An index is a folder: ``store.lmdb`` (source of truth, see store.py) plus derived
+``prefilter.faiss`` / ``prefilter.json`` that ``rebuild()`` can always regenerate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .data import LabelledData
+from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, default_model_path
+from .errors import EsmIndexError, IndexStoreError, InvalidTargetError, ModelMismatchError
+from .esm import ESM
+from .store import NewSource, Store
+
+REFERENCE_TEXTS = Path(__file__).with_name("reference_texts.txt")
+DEFAULT_SHORTLIST = 32  # sources scored exactly
+DEFAULT_CANDIDATES = 2048  # sources the FAISS stage hands to the approximate stage
+CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
+
+
+@dataclass
+class Ranking:
+    """Best source first. ``timings`` are seconds per stage."""
+
+    results: list[dict]
+    pool_size: int
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"results": self.results, "pool_size": self.pool_size, "timings": self.timings}
+
+
+@dataclass
+class Filters:
+    """Metadata filters; a source passes when every given field matches."""
+
+    task_type: str | None = None
+    language: str | None = None
+    tags: Sequence[str] = ()
+    min_size: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.task_type or self.language or self.tags or self.min_size)
+
+    def accepts(self, meta: dict) -> bool:
+        return ((not self.task_type or meta.get("task_type") == self.task_type)
+                and (not self.language or meta.get("language") == self.language)
+                and all(t in meta.get("tags", []) for t in self.tags)
+                and (not self.min_size or (meta.get("num_examples") or 0) >= self.min_size))
+
+
+class SourceIndex:
+    """A persistent pool of sources (ESMs + metadata) that ranks them for a target."""
+
+    def __init__(self, folder: str | os.PathLike, readonly: bool = False, device: str | None = None,
+                 model_path: str | os.PathLike | None = None) -> None:
+        self.folder = Path(folder)
+        self.readonly = readonly
+        self.store = Store(self.folder, readonly=readonly)
+        self.manifest = self.store.manifest
+        self.spec = EmbeddingSpec(**self.manifest["embedding"])
+        self._device = device
+        self._model_path = model_path
+        self._lock = threading.RLock()
+        self._embedder = None
+        self._prefilter: tuple | None = None  # (generation, faiss index, mean summary)
+        self.probe = self.store.probe()
+
+    # ---- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: str | os.PathLike, model_path: str | os.PathLike | None = None,
+               spec: EmbeddingSpec | None = None, esm_dtype: str = "float16", probe_dim: int = 32,
+               reference_texts: Sequence[str] | None = None, device: str | None = None) -> "SourceIndex":
+        """Make a new, empty index for one base model and pooling. The prefilter's probe is
+        computed here from reference texts embedded with that model."""
+        from .embed import Embedder
+        from .prefilter import make_probe, summarize
+
+        if esm_dtype not in ("float16", "float32"):
+            raise ValueError("esm_dtype must be float16 or float32")
+        folder = Path(folder)
+        if (folder / "store.lmdb").exists():
+            raise IndexStoreError(f"{folder}: an index exists there already")
+        spec = spec or EmbeddingSpec()
+        embedder = Embedder(model_path, spec, device=device)
+        texts = list(reference_texts) if reference_texts else REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
+        probe = make_probe(embedder.embed(texts), probe_dim)
+        dim = embedder.dim
+        summary_dim = summarize(np.eye(dim)[None], np.zeros((1, dim)), probe).shape[1]
+        folder.mkdir(parents=True, exist_ok=True)
+        store = Store(folder, create=True)
+        store.init({"embedding": spec.to_dict(), "model_path": str(embedder.model_path), "dim": dim,
+                    "out_dim": dim, "esm_dtype": esm_dtype, "summary_dim": summary_dim,
+                    "summary": f"upper triangle of U^T [W,b]^T [W,b] U, U = top-{probe_dim} "
+                               f"principal directions of [X_ref, 1] ({len(texts)} reference texts)",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, probe)
+        store.close()
+        index = cls(folder, device=device, model_path=model_path)
+        index._embedder = embedder
+        index.rebuild()
+        return index
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "SourceIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.store.count()
+
+    # ---- the embedder --------------------------------------------------------------------
+    @property
+    def embedder(self):
+        """The base model, loaded on first use (a query with cached embeddings never loads it)."""
+        with self._lock:
+            if self._embedder is None:
+                from .embed import Embedder
+
+                path = self._model_path or self.manifest.get("model_path")
+                if not path or not Path(path).is_dir():
+                    if self.spec.model_name != DEFAULT_MODEL_NAME:
+                        raise ModelMismatchError(f"base model folder {path} not found; pass model_path")
+                    path = default_model_path()
+                self._embedder = Embedder(path, self.spec, device=self._device)
+                if self._embedder.dim != self.manifest["dim"]:
+                    raise ModelMismatchError(f"model {path} gives {self._embedder.dim}-d embeddings, "
+                                             f"the index holds {self.manifest['dim']}-d ESMs")
+            return self._embedder
+
+    def embed(self, texts: Sequence, progress: bool = False) -> np.ndarray:
+        """Embeddings of ``texts``, cached on disk by content hash + embedding spec."""
+        digest = hashlib.sha256(json.dumps([self.spec.to_dict(), list(texts)], default=list).encode()).hexdigest()
+        path = CACHE_DIR / "embeddings" / f"{digest}.npy"
+        if path.is_file():
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is recomputed
+        x = self.embedder.embed(texts, progress=progress)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, x)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs speed
+        return x
+
+    # ---- adding and removing sources -----------------------------------------------------
+    def _check_esm(self, esm: ESM) -> None:
+        esm.validate(self.manifest["dim"])
+        if esm.out_dim != self.manifest["out_dim"]:
+            raise ModelMismatchError(f"ESM maps to {esm.out_dim} dimensions, the index holds {self.manifest['out_dim']}")
+        base = esm.meta.get("base_model_name")
+        if base and base != self.spec.model_name:
+            raise ModelMismatchError(f"ESM was made for base model {base!r}, this index is for {self.spec.model_name!r}")
+
+    def add_esms(self, items: Iterable[tuple[str, ESM]], batch_size: int = 64,
+                 on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Add (name, ESM) pairs, committing every ``batch_size``. Names already present are
+        skipped, so a re-run after a crash resumes. Returns (added, skipped)."""
+        from .prefilter import summarize
+
+        self._writable()
+        added = skipped = 0
+        batch: list[tuple[str, ESM]] = []
+
+        def flush() -> None:
+            nonlocal added, skipped
+            if not batch:
+                return
+            summaries = summarize(np.stack([e.weight for _, e in batch]), np.stack([e.bias for _, e in batch]), self.probe)
+            meta = [_source_meta(e) for _, e in batch]
+            ids = self.store.add(NewSource(n, e.weight, e.bias, m, s)
+                                 for (n, e), m, s in zip(batch, meta, summaries))
+            added += sum(i is not None for i in ids)
+            skipped += sum(i is None for i in ids)
+            if on_batch:
+                on_batch(len(batch))
+            batch.clear()
+
+        for name, esm in items:
+            self._check_esm(esm)
+            batch.append((name, esm))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return added, skipped
+
+    def add_esm(self, name: str, esm: ESM) -> bool:
+        return self.add_esms([(name, esm)])[0] == 1
+
+    def add_dataset(self, data: LabelledData, name: str, config=None, progress: bool = False) -> ESM:
+        """Fine-tune the base model on ``data``, fit its ESM and add it (slow: minutes)."""
+        from .finetune import build_esm
+
+        esm = build_esm(self.embedder, data, config, progress=progress)
+        esm.meta.setdefault("task_id", name)
+        self.add_esm(name, esm)
+        return esm
+
+    def remove(self, names: Iterable[str]) -> list[str]:
+        self._writable()
+        return self.store.remove(names)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise IndexStoreError(f"{self.folder}: opened read-only")
+
+    # ---- listing and export --------------------------------------------------------------
+    def sources(self) -> list[dict]:
+        return [{"id": i, **m} for i, m in self.store.iter_meta()]
+
+    def get_esm(self, name: str) -> ESM:
+        sid = self.store.id_of(name)
+        if sid is None:
+            raise EsmIndexError(f"no source named {name!r}")
+        _, w, b = self.store.esms([sid])
+        meta = self.store.metas([sid])[0]
+        return ESM(w[0], b[0], {k: v for k, v in meta.items() if k != "name"})
+
+    def export(self, out: str | os.PathLike) -> int:
+        """Write every source as an hfselect ESM folder under ``out``."""
+        out = Path(out)
+        count = 0
+        for sid, meta in self.store.iter_meta():
+            _, w, b = self.store.esms([sid])
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in meta["name"])
+            ESM(w[0], b[0], {k: v for k, v in meta.items() if k != "name"}).save(out / safe)
+            count += 1
+        return count
+
+    # ---- the prefilter ---------------------------------------------------------------------
+    def rebuild(self) -> None:
+        """Regenerate the FAISS files from LMDB (the only state they hold is derived)."""
+        from .prefilter import save_prefilter
+
+        with self._lock:
+            gen = self.store.generation()
+            ids, vecs = self.store.summaries()
+            self._prefilter = save_prefilter(self.folder, ids, vecs, gen, write=not self.readonly)
+
+    def prefilter(self):
+        """(faiss index, mean summary) current with LMDB; stale or damaged files are rebuilt
+        (in memory only when the index is read-only)."""
+        from .prefilter import load_prefilter
+
+        with self._lock:
+            gen = self.store.generation()
+            if self._prefilter is None or self._prefilter[0] != gen:
+                loaded = load_prefilter(self.folder, gen)
+                if loaded is None:
+                    self.rebuild()
+                else:
+                    self._prefilter = loaded
+            return self._prefilter[1], self._prefilter[2]
+
+    def verify(self) -> list[str]:
+        """Problems found (empty when clean): LMDB tables agree, weights finite, FAISS
+        files present, current and holding exactly the stored sources."""
+        from .prefilter import load_prefilter
+
+        problems = self.store.check()
+        gen = self.store.generation()
+        loaded = load_prefilter(self.folder, gen)
+        if loaded is None:
+            problems.append("prefilter files missing, unreadable or stale (run 'esm-index rebuild')")
+        else:
+            faiss_ids = np.sort(_faiss_ids(loaded[1]))
+            if not np.array_equal(faiss_ids, np.sort(self.store.ids())):
+                problems.append(f"FAISS holds {len(faiss_ids)} sources, LMDB {len(self.store.ids())}")
+        return problems
+
+    # ---- ranking ---------------------------------------------------------------------------
+    def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
+             shortlist: int | None = DEFAULT_SHORTLIST, candidates: int = DEFAULT_CANDIDATES,
+             exact: bool = False, filters: Filters | None = None, progress: bool = False) -> Ranking:
+        """Rank the pool's sources for a target given as texts and labels (class ids, or
+        floats for regression)."""
+        if len(texts) == 0:
+            raise InvalidTargetError("the target has no examples")
+        if len(texts) != len(labels):
+            raise InvalidTargetError(f"{len(texts)} texts but {len(labels)} labels")
+        from .logme import label_matrix
+
+        label_matrix(np.asarray(labels), task == "regression")  # fail before embedding
+        t0 = time.perf_counter()
+        x = self.embed(texts, progress=progress)
+        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters)
+        ranking.timings = {"embed": round(time.perf_counter() - t0 - sum(ranking.timings.values()), 4),
+                           **ranking.timings}
+        return ranking
+
+    def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", top: int = 10,
+                        shortlist: int | None = DEFAULT_SHORTLIST, candidates: int = DEFAULT_CANDIDATES,
+                        exact: bool = False, filters: Filters | None = None) -> Ranking:
+        """Rank from precomputed base-model embeddings (n, d) of the target."""
+        from .logme import TargetStats, score_esms
+        from .prefilter import linear_query, project_target, search, subspace_scores
+
+        if task not in ("classification", "regression"):
+            raise InvalidTargetError(f"task must be classification or regression, not {task!r}")
+        regression = task == "regression"
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.manifest["dim"]:
+            raise ModelMismatchError(f"target embeddings have shape {x.shape}; this index needs (n, {self.manifest['dim']})")
+        labels = np.asarray(labels)
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = round(now - clock, 4)
+            clock = now
+
+        device = self._device or ("cuda" if _cuda() else "cpu")
+        target = TargetStats.from_embeddings(x, labels, regression, device=device)
+        out_dim = self.manifest["out_dim"]
+        all_ids = self.store.ids()
+        allowed = None
+        if filters:
+            allowed = np.asarray([i for i, m in self.store.iter_meta() if filters.accepts(m)], np.int64)
+        pool = all_ids if allowed is None else allowed
+        approx: dict[int, float] = {}
+        linear: dict[int, float] = {}
+        if exact or shortlist is None or shortlist >= len(pool):
+            chosen = pool
+        else:
+            sub_target = project_target(x, labels, regression, self.probe)
+            index, mean_summary = self.prefilter()
+            lap("prepare")
+            if len(pool) > candidates:
+                query = linear_query(sub_target, mean_summary, out_dim)
+                ids, scores = search(index, query, candidates if allowed is None else len(all_ids))
+                if allowed is not None:
+                    keep = np.isin(ids, allowed)
+                    ids, scores = ids[keep][:candidates], scores[keep][:candidates]
+                linear = dict(zip(ids.tolist(), scores.tolist()))
+            else:
+                ids = pool
+            lap("faiss")
+            ids, vecs = self.store.summaries(ids)
+            import torch
+
+            sub = subspace_scores(sub_target, torch.from_numpy(vecs), out_dim)
+            order = np.argsort(-sub)[:shortlist]
+            approx = dict(zip(ids.tolist(), sub.tolist()))
+            chosen = ids[order]
+            lap("approximate")
+        found, w, b = self.store.esms(chosen)
+        lap("load")
+        import torch
+
+        scores = score_esms(target, torch.from_numpy(w), torch.from_numpy(b)) if len(found) else np.zeros(0)
+        lap("exact")
+        order = np.argsort(-scores, kind="stable")[:top]
+        metas = self.store.metas(found[order])
+        results = []
+        for rank, (j, meta) in enumerate(zip(order, metas), 1):
+            sid = int(found[j])
+            result = {"rank": rank, "source": meta["name"], "score": float(scores[j])}
+            if sid in approx:
+                result["approx_score"] = approx[sid]
+            if sid in linear:
+                result["prefilter_score"] = linear[sid]
+            result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding")}
+            results.append(result)
+        return Ranking(results, pool_size=len(pool), timings=timings)
+
+
+def _source_meta(esm: ESM) -> dict:
+    """What we keep of an ESM's config: everything JSON, plus the fields filters use."""
+    meta = dict(esm.meta)
+    meta.setdefault("task_type", "classification")
+    return meta
+
+
+def _faiss_ids(index) -> np.ndarray:
+    import faiss
+
+    return faiss.vector_to_array(index.id_map).astype(np.int64)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,188 @@
+"""The prefilter: a compact summary per source, a FAISS search, and a cheap approximate score.
+
+Why this summary. ESM-LogME depends on a source only through its metric M = W~^T W~
+(W~ = [W, b]): F F^T = X~ M X~^T. We fix a probe U ((d+1) x k, orthonormal), the top
+principal directions of base-model embeddings of reference texts, and summarise each source
+by M projected on it:
+
+    summary = U^T M U = (W~ U)^T (W~ U)         (k x k, stored as its k(k+1)/2 upper triangle)
+
+It is target-independent, computable from the ESM alone, and tiny (k=32: 528 floats against
+148k for the ESM). Two cheap scores come from it:
+
+* ``subspace_scores``: the exact LogME of the target projected onto span(U): with
+  X~ U = Q_u R_u, F F^T = Q_u (R_u S R_u^T) Q_u^T, so one k x k eigh per source. This is
+  the approximate stage that ranks a FAISS shortlist.
+* ``linear_query``: the subspace score is a smooth function of S; to first order around the
+  pool's mean summary S0 it is <grad, S>, an inner product. ``summary_vectors`` scale
+  off-diagonal entries by sqrt(2) so the vector dot product equals that Frobenius product,
+  which FAISS searches with an inner-product index at any scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .logme import TargetStats, evidence_from_spectrum, gram_spectrum
+
+DEFAULT_PROBE_DIM = 32
+
+
+def make_probe(reference_embeddings: np.ndarray, k: int = DEFAULT_PROBE_DIM) -> np.ndarray:
+    """Top-k right singular vectors of [X_ref, 1]: the directions target data lives in."""
+    x = np.asarray(reference_embeddings, np.float64)
+    x = np.hstack([x, np.ones((len(x), 1))])
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    if k > vt.shape[0]:
+        raise ValueError(f"probe dimension {k} needs at least {k} reference texts")
+    return vt[:k].T.astype(np.float32)  # ((d+1), k)
+
+
+def _triu(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.triu_indices(k, k)
+
+
+def _vec_scale(k: int) -> torch.Tensor:
+    i, j = _triu(k)
+    return torch.where(i == j, 1.0, math.sqrt(2.0)).to(torch.float64)
+
+
+def summarize(weights: np.ndarray | torch.Tensor, biases: np.ndarray | torch.Tensor,
+              probe: np.ndarray) -> np.ndarray:
+    """Summary vectors (B, k(k+1)/2) float32 of ESMs (B, D, d) / (B, D)."""
+    w = torch.as_tensor(np.asarray(weights, np.float32) if not isinstance(weights, torch.Tensor) else weights)
+    b = torch.as_tensor(np.asarray(biases, np.float32) if not isinstance(biases, torch.Tensor) else biases)
+    u = torch.as_tensor(probe, dtype=torch.float64)
+    w_aug = torch.cat([w, b.unsqueeze(-1)], 2).to(torch.float64)
+    wu = w_aug @ u  # (B, D, k)
+    gram = wu.transpose(1, 2) @ wu
+    i, j = _triu(u.shape[1])
+    return (gram[:, i, j] * _vec_scale(u.shape[1])).float().numpy()
+
+
+def unvec(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k(k+1)/2) summary vectors back to symmetric (B, k, k) matrices (differentiable)."""
+    vectors = torch.as_tensor(vectors, dtype=torch.float64)
+    i, j = _triu(k)
+    v = vectors / _vec_scale(k)
+    rows = torch.arange(vectors.shape[0])[:, None]
+    flat = torch.zeros(vectors.shape[0], k * k, dtype=torch.float64)
+    flat = flat.index_put((rows, (i * k + j)[None, :]), v)
+    flat = flat.index_put((rows, (j * k + i)[None, :]), v)
+    return flat.reshape(-1, k, k)
+
+
+def project_target(x: np.ndarray, labels: np.ndarray, regression: bool, probe: np.ndarray) -> TargetStats:
+    """The target's statistics in the probe subspace: QR of [X, 1] U."""
+    xt = np.hstack([np.asarray(x, np.float64), np.ones((len(x), 1))]) @ probe.astype(np.float64)
+    # TargetStats appends its own ones column; drop it by building from the projection.
+    stats = TargetStats.from_embeddings(xt, labels, regression)
+    k = probe.shape[1]
+    return TargetStats(r=stats.r[:, :k], qty=stats.qty, yy=stats.yy, n=stats.n, dim=k)
+
+
+def subspace_scores(target: TargetStats, summaries: torch.Tensor, out_dim: int,
+                    batch_size: int = 4096) -> np.ndarray:
+    """Approximate ESM-LogME from summaries alone: exact LogME in span(U)."""
+    k = target.dim
+    out = []
+    for start in range(0, summaries.shape[0], batch_size):
+        s = unvec(summaries[start:start + batch_size], k)
+        gram = target.r @ s @ target.r.T
+        out.append(evidence_from_spectrum(*gram_spectrum(target, gram), target.yy, target.n, out_dim))
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def linear_query(target: TargetStats, mean_summary: np.ndarray, out_dim: int) -> np.ndarray:
+    """Gradient of the subspace score at the pool's mean summary, as a FAISS query vector:
+    score(S) ~ score(S0) + <query, vec(S) - vec(S0)>."""
+    k = target.dim
+    s0 = torch.as_tensor(mean_summary, dtype=torch.float64).reshape(1, -1).clone().requires_grad_(True)
+    gram = target.r @ unvec(s0, k) @ target.r.T
+    score = evidence_from_spectrum(*gram_spectrum(target, gram), target.yy, target.n, out_dim).sum()
+    (grad,) = torch.autograd.grad(score, s0)
+    return grad.reshape(-1).float().numpy()
+
+
+# ---- FAISS -----------------------------------------------------------------------------
+def faiss_factory(n: int) -> str:
+    """Index type by pool size: exact flat search while it is cheap, IVF beyond."""
+    if n < 200_000:
+        return "Flat"
+    return f"IVF{int(4 * math.sqrt(n))},Flat"
+
+
+def build_faiss(vectors: np.ndarray, ids: np.ndarray):
+    """An inner-product FAISS index over summary vectors, keyed by source id."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], faiss_factory(len(vectors)), faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[:100_000]]
+        index.train(sample)
+    index = faiss.IndexIDMap2(index)
+    if len(vectors):
+        index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+    return index
+
+
+def search(index, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids, inner products) for one query vector."""
+    import faiss
+
+    inner = faiss.extract_index_ivf(index.index) if "IVF" in type(index.index).__name__ else None
+    if inner is not None:
+        inner.nprobe = max(1, inner.nlist // 8)
+    scores, ids = index.search(np.ascontiguousarray(query.reshape(1, -1), dtype=np.float32), k)
+    keep = ids[0] >= 0
+    return ids[0][keep], scores[0][keep]
+
+
+# ---- files: derived from LMDB, rebuilt whenever missing, stale or damaged ---------------
+FAISS_FILE = "prefilter.faiss"
+META_FILE = "prefilter.json"
+
+
+def save_prefilter(folder: Path, ids: np.ndarray, vectors: np.ndarray, generation: int, write: bool = True):
+    """Build the FAISS index for ``generation`` of the store; write it atomically."""
+    import faiss
+
+    index = build_faiss(vectors, ids)
+    mean = vectors.mean(0) if len(vectors) else np.zeros(vectors.shape[1], np.float32)
+    if write:
+        data = faiss.serialize_index(index).tobytes()
+        tmp = folder / f"{FAISS_FILE}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, folder / FAISS_FILE)
+        info = {"generation": generation, "count": int(len(ids)), "factory": faiss_factory(len(ids)),
+                "sha256": hashlib.sha256(data).hexdigest(), "mean_summary": mean.tolist()}
+        tmp = folder / f"{META_FILE}.tmp"
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, folder / META_FILE)
+    return generation, index, mean
+
+
+def load_prefilter(folder: Path, generation: int):
+    """(generation, index, mean summary) from the files, or None if they are missing, were
+    built from another generation of the store, or fail their checksum."""
+    import faiss
+
+    try:
+        info = json.loads((folder / META_FILE).read_text())
+        if info.get("generation") != generation:
+            return None
+        data = (folder / FAISS_FILE).read_bytes()
+        if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+            return None
+        index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+        return generation, index, np.asarray(info["mean_summary"], np.float32)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None

@@ -1,0 +1,240 @@
+"""The source store: one LMDB environment, the index's source of truth.
+
+Named databases inside ``<index>/store.lmdb``:
+
+    info     manifest (JSON), probe (float32 bytes), next_id, generation
+    names    source name (utf-8)       -> id (8-byte big-endian)
+    meta     id -> JSON metadata
+    esm      id -> W then b, raw little-endian float16/float32 bytes (never pickled)
+    summary  id -> float32 summary vector (see prefilter.py)
+
+Every write is one LMDB transaction, so a killed writer loses only its uncommitted batch and
+readers never see half a source. LMDB allows many reader processes beside one writer.
+``generation`` counts committed writes; the FAISS files record the generation they were
+built from, which is how a stale prefilter is noticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import IndexStoreError, InvalidESMError
+
+SCHEMA_VERSION = 1
+MAP_SIZE = 1 << 40  # address space only; LMDB files grow as data is written
+DBS = (b"info", b"names", b"meta", b"esm", b"summary")
+
+
+def _key(i: int) -> bytes:
+    return struct.pack(">Q", i)
+
+
+def _id(key: bytes) -> int:
+    return struct.unpack(">Q", key)[0]
+
+
+@dataclass
+class NewSource:
+    name: str
+    weight: np.ndarray  # (D, d)
+    bias: np.ndarray  # (D,)
+    meta: dict
+    summary: np.ndarray  # (s,) float32
+
+
+class Store:
+    """Typed access to the LMDB environment of one index."""
+
+    def __init__(self, folder: str | os.PathLike, readonly: bool = False, create: bool = False) -> None:
+        import lmdb
+
+        self.path = Path(folder) / "store.lmdb"
+        if not create and not (self.path / "data.mdb").is_file():
+            raise IndexStoreError(f"{folder}: not an esm-index index (no store.lmdb); run 'esm-index init'")
+        try:
+            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=len(DBS), readonly=readonly,
+                                 lock=True, create=create, readahead=False)
+            self.db = {name.decode(): self.env.open_db(name, create=not readonly) for name in DBS}
+        except lmdb.Error as exc:
+            raise IndexStoreError(f"{self.path}: cannot open the LMDB store ({exc})") from None
+        self._manifest: dict | None = None
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ---- manifest and probe --------------------------------------------------------------
+    def init(self, manifest: dict, probe: np.ndarray) -> None:
+        with self.env.begin(write=True) as txn:
+            if txn.get(b"manifest", db=self.db["info"]) is not None:
+                raise IndexStoreError(f"{self.path.parent}: already an index")
+            manifest = {**manifest, "schema_version": SCHEMA_VERSION, "probe_shape": list(probe.shape)}
+            txn.put(b"manifest", json.dumps(manifest).encode(), db=self.db["info"])
+            txn.put(b"probe", np.ascontiguousarray(probe, "<f4").tobytes(), db=self.db["info"])
+            txn.put(b"next_id", _key(1), db=self.db["info"])
+            txn.put(b"generation", _key(0), db=self.db["info"])
+
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            with self.env.begin() as txn:
+                raw = txn.get(b"manifest", db=self.db["info"])
+            if raw is None:
+                raise IndexStoreError(f"{self.path.parent}: the index has no manifest")
+            self._manifest = json.loads(raw)
+            if self._manifest.get("schema_version") != SCHEMA_VERSION:
+                raise IndexStoreError(f"{self.path.parent}: schema version "
+                                      f"{self._manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
+        return self._manifest
+
+    def probe(self) -> np.ndarray:
+        with self.env.begin() as txn:
+            raw = txn.get(b"probe", db=self.db["info"])
+        return np.frombuffer(raw, "<f4").reshape(self.manifest["probe_shape"]).copy()
+
+    def generation(self) -> int:
+        with self.env.begin() as txn:
+            return _id(txn.get(b"generation", db=self.db["info"]))
+
+    # ---- writes --------------------------------------------------------------------------
+    @property
+    def esm_dtype(self) -> np.dtype:
+        return np.dtype("<f2" if self.manifest.get("esm_dtype", "float16") == "float16" else "<f4")
+
+    def _encode_esm(self, weight: np.ndarray, bias: np.ndarray) -> bytes:
+        w = np.ascontiguousarray(weight, self.esm_dtype)
+        b = np.ascontiguousarray(bias, self.esm_dtype)
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise InvalidESMError(f"ESM weights do not fit in {self.esm_dtype.name} (overflow)")
+        return w.tobytes() + b.tobytes()
+
+    def add(self, sources: Iterable[NewSource]) -> list[int | None]:
+        """Add sources in one transaction; a name already present is skipped (None), which
+        makes a re-run of an interrupted import resume instead of duplicating."""
+        ids: list[int | None] = []
+        with self.env.begin(write=True) as txn:
+            next_id = _id(txn.get(b"next_id", db=self.db["info"]))
+            for src in sources:
+                name = src.name.encode()
+                if txn.get(name, db=self.db["names"]) is not None:
+                    ids.append(None)
+                    continue
+                key = _key(next_id)
+                txn.put(name, key, db=self.db["names"])
+                txn.put(key, json.dumps({**src.meta, "name": src.name}).encode(), db=self.db["meta"])
+                txn.put(key, self._encode_esm(src.weight, src.bias), db=self.db["esm"])
+                txn.put(key, np.ascontiguousarray(src.summary, "<f4").tobytes(), db=self.db["summary"])
+                ids.append(next_id)
+                next_id += 1
+            txn.put(b"next_id", _key(next_id), db=self.db["info"])
+            self._bump(txn)
+        return ids
+
+    def remove(self, names: Iterable[str]) -> list[str]:
+        """Remove sources by name; returns the names that were not there."""
+        missing = []
+        with self.env.begin(write=True) as txn:
+            for name in names:
+                key = txn.pop(name.encode(), db=self.db["names"])
+                if key is None:
+                    missing.append(name)
+                    continue
+                for db in ("meta", "esm", "summary"):
+                    txn.delete(key, db=self.db[db])
+            self._bump(txn)
+        return missing
+
+    def _bump(self, txn) -> None:
+        gen = _id(txn.get(b"generation", db=self.db["info"]))
+        txn.put(b"generation", _key(gen + 1), db=self.db["info"])
+
+    # ---- reads ---------------------------------------------------------------------------
+    def count(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self.db["meta"])["entries"]
+
+    def ids(self) -> np.ndarray:
+        with self.env.begin() as txn:
+            return np.fromiter((_id(k) for k in txn.cursor(db=self.db["meta"]).iternext(values=False)), np.int64)
+
+    def id_of(self, name: str) -> int | None:
+        with self.env.begin() as txn:
+            key = txn.get(name.encode(), db=self.db["names"])
+        return None if key is None else _id(key)
+
+    def metas(self, ids: Iterable[int]) -> list[dict | None]:
+        with self.env.begin() as txn:
+            raws = [txn.get(_key(int(i)), db=self.db["meta"]) for i in ids]
+        return [None if r is None else json.loads(r) for r in raws]
+
+    def iter_meta(self) -> Iterator[tuple[int, dict]]:
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["meta"]):
+                yield _id(k), json.loads(v)
+
+    def esms(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(found_ids, W (B, D, d) float32, b (B, D) float32) for the ids still present."""
+        dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
+        n_w = out_dim * dim
+        found, ws, bs = [], [], []
+        with self.env.begin() as txn:
+            for i in ids:
+                raw = txn.get(_key(int(i)), db=self.db["esm"])
+                if raw is None:
+                    continue
+                arr = np.frombuffer(raw, self.esm_dtype)
+                if arr.size != n_w + out_dim:
+                    raise IndexStoreError(f"source {i}: stored ESM has {arr.size} values, expected {n_w + out_dim}")
+                found.append(int(i))
+                ws.append(arr[:n_w].reshape(out_dim, dim))
+                bs.append(arr[n_w:])
+        if not found:
+            return np.zeros(0, np.int64), np.zeros((0, out_dim, dim), np.float32), np.zeros((0, out_dim), np.float32)
+        return np.asarray(found), np.stack(ws).astype(np.float32), np.stack(bs).astype(np.float32)
+
+    def summaries(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, summary vectors) for the given ids (default: all), skipping missing ones."""
+        found, vecs = [], []
+        with self.env.begin() as txn:
+            if ids is None:
+                for k, v in txn.cursor(db=self.db["summary"]):
+                    found.append(_id(k))
+                    vecs.append(np.frombuffer(v, "<f4"))
+            else:
+                for i in ids:
+                    raw = txn.get(_key(int(i)), db=self.db["summary"])
+                    if raw is not None:
+                        found.append(int(i))
+                        vecs.append(np.frombuffer(raw, "<f4"))
+        width = self.manifest["summary_dim"]
+        return np.asarray(found, np.int64), (np.stack(vecs) if vecs else np.zeros((0, width), np.float32))
+
+    def check(self) -> list[str]:
+        """Consistency problems between the tables, and unusable weights (empty when clean)."""
+        problems = []
+        dim, out_dim, width = self.manifest["dim"], self.manifest["out_dim"], self.manifest["summary_dim"]
+        with self.env.begin() as txn:
+            named = {v for _, v in txn.cursor(db=self.db["names"])}
+            keys = {db: set(txn.cursor(db=self.db[db]).iternext(values=False)) for db in ("meta", "esm", "summary")}
+            for db, ks in keys.items():
+                if ks != named:
+                    problems.append(f"table {db} has {len(ks)} entries, names has {len(named)}")
+            for k in keys["esm"]:
+                arr = np.frombuffer(txn.get(k, db=self.db["esm"]), self.esm_dtype)
+                if arr.size != out_dim * dim + out_dim:
+                    problems.append(f"source {_id(k)}: ESM has {arr.size} values")
+                elif not np.isfinite(arr).all():
+                    problems.append(f"source {_id(k)}: ESM weights not finite")
+            for k in keys["summary"]:
+                if len(txn.get(k, db=self.db["summary"])) != 4 * width:
+                    problems.append(f"source {_id(k)}: summary has the wrong size")
+        return problems
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir())

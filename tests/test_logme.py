@@ -1,0 +1,113 @@
+"""The scorer: agreement with hfselect's LogME, invariances that follow from the maths,
+and refusal of bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from esm_index.errors import InvalidESMError, InvalidTargetError, ModelMismatchError
+from esm_index.logme import TargetStats, logme, score_esms
+
+hfselect_logme = pytest.importorskip("hfselect.logme")
+
+
+def _reference(x, w, b, labels, regression=False):
+    mapped = (x @ w.T + b).astype(np.float32)
+    y = labels.astype(np.float32) if regression else labels
+    return hfselect_logme.LogME(regression=regression).fit(mapped, y)
+
+
+@pytest.mark.parametrize("n,d,classes", [(300, 24, 3), (15, 24, 4), (200, 48, 7)])
+def test_classification_matches_hfselect(n, d, classes):
+    rng = np.random.default_rng(n + d)
+    x = (rng.standard_normal((n, d)) + 0.3).astype(np.float32)
+    labels = rng.integers(0, classes, n)
+    w = (rng.standard_normal((5, d, d)) * 0.3).astype(np.float32)
+    b = rng.standard_normal((5, d)).astype(np.float32)
+    ours = score_esms(TargetStats.from_embeddings(x, labels), torch.from_numpy(w), torch.from_numpy(b), batch_size=2)
+    ref = [_reference(x, w[i], b[i], labels) for i in range(5)]
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_absent_classes_count_like_hfselect():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((80, 10)).astype(np.float32)
+    labels = rng.choice([0, 3, 5], 80)  # classes 1, 2, 4 absent
+    assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-8)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_regression_matches_hfselect(columns):
+    rng = np.random.default_rng(columns)
+    x = rng.standard_normal((120, 16)).astype(np.float32)
+    y = x[:, :columns] @ rng.standard_normal((columns, columns)) + 0.1 * rng.standard_normal((120, columns))
+    labels = y[:, 0] if columns == 1 else y
+    w = (rng.standard_normal((3, 16, 16))).astype(np.float32)
+    b = np.zeros((3, 16), np.float32)
+    ours = score_esms(TargetStats.from_embeddings(x, labels, regression=True), torch.from_numpy(w), torch.from_numpy(b))
+    ref = [_reference(x, w[i], b[i], labels, regression=True) for i in range(3)]
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+def test_orthogonal_rotation_of_the_output_leaves_the_score_unchanged():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((200, 20))
+    labels = (x[:, 0] + x[:, 1] > 0).astype(int)
+    w = rng.standard_normal((20, 20))
+    b = rng.standard_normal(20)
+    rot, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    stats = TargetStats.from_embeddings(x, labels)
+    both = score_esms(stats, torch.tensor(np.stack([w, rot @ w])), torch.tensor(np.stack([b, rot @ b])))
+    assert both[0] == pytest.approx(both[1], abs=1e-9)
+
+
+def test_the_score_depends_on_the_map():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((200, 20))
+    labels = (x[:, 0] > 0).astype(int)
+    keep_signal = np.eye(20)
+    kill_signal = np.eye(20)
+    kill_signal[0, 0] = 0.0  # the map throws the label's direction away
+    scores = score_esms(TargetStats.from_embeddings(x, labels), torch.tensor(np.stack([keep_signal, kill_signal])),
+                        torch.zeros(2, 20, dtype=torch.float64))
+    assert scores[0] > scores[1] + 0.05
+
+
+def test_identity_map_equals_plain_logme():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((150, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 150)
+    assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-9)
+
+
+def test_uniform_scaling_of_features_leaves_logme_unchanged():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 16))
+    labels = (x[:, 0] > 0).astype(int)
+    # Exact up to LogME's 1e-5 regulariser in the alpha/beta updates.
+    assert logme(3.0 * x, labels) == pytest.approx(logme(x, labels), abs=1e-4)
+
+
+def test_bad_targets_are_refused():
+    x = np.zeros((10, 4))
+    with pytest.raises(InvalidTargetError, match="single class"):
+        TargetStats.from_embeddings(x, np.zeros(10, int))
+    with pytest.raises(InvalidTargetError):
+        TargetStats.from_embeddings(np.zeros((0, 4)), np.zeros(0, int))
+    with pytest.raises(InvalidTargetError, match="numbers"):
+        TargetStats.from_embeddings(x, np.array(["a"] * 10), regression=True)
+    with pytest.raises(InvalidTargetError, match="labels"):
+        TargetStats.from_embeddings(x, np.array([0, 1] * 4))
+    with pytest.raises(InvalidTargetError, match="NaN"):
+        TargetStats.from_embeddings(np.full((10, 4), np.nan), np.array([0, 1] * 5))
+
+
+def test_bad_maps_are_refused():
+    stats = TargetStats.from_embeddings(np.random.default_rng(0).standard_normal((10, 4)), np.array([0, 1] * 5))
+    w = torch.eye(4).unsqueeze(0)
+    with pytest.raises(InvalidESMError, match="NaN"):
+        score_esms(stats, w * float("nan"), torch.zeros(1, 4))
+    with pytest.raises(ModelMismatchError):
+        score_esms(stats, torch.eye(5).unsqueeze(0), torch.zeros(1, 5))
+    with pytest.raises(InvalidESMError):
+        score_esms(stats, w, torch.zeros(1, 3))
