@@ -16,6 +16,7 @@ import click
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in CLI output
 
 DEFAULT_INDEX = Path(__file__).resolve().parent.parent / "indexes" / "default"
 
@@ -95,17 +96,18 @@ def import_(folder, esm_folders, name_from):
 
     failures = []
 
-    def items():
+    def items(index):
         for path in tqdm(esm_folders, desc="importing", unit="ESM", disable=not sys.stderr.isatty()):
             try:
                 esm = ESM.load(path)
+                index.check_esm(esm)
             except EsmIndexError as exc:
-                failures.append(str(exc))
+                failures.append(f"{path}: {exc}")
                 continue
             yield _source_name(esm.meta, Path(path), name_from), esm
 
     with _open(folder) as index:
-        added, skipped = index.add_esms(items())
+        added, skipped = index.add_esms(items(index))
         index.rebuild()
     click.echo(f"imported {added}, skipped {skipped} already present, {len(failures)} failed; {folder} holds {added + skipped} of them")
     if failures:

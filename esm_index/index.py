@@ -167,7 +167,8 @@ class SourceIndex:
         return x
 
     # ---- adding and removing sources -----------------------------------------------------
-    def _check_esm(self, esm: ESM) -> None:
+    def check_esm(self, esm: ESM) -> None:
+        """Raise unless ``esm`` fits this index's base model and dimension."""
         esm.validate(self.manifest["dim"])
         if esm.out_dim != self.manifest["out_dim"]:
             raise ModelMismatchError(f"ESM maps to {esm.out_dim} dimensions, the index holds {self.manifest['out_dim']}")
@@ -200,7 +201,7 @@ class SourceIndex:
             batch.clear()
 
         for name, esm in items:
-            self._check_esm(esm)
+            self.check_esm(esm)
             batch.append((name, esm))
             if len(batch) >= batch_size:
                 flush()

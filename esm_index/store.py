@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -49,6 +50,37 @@ class NewSource:
     summary: np.ndarray  # (s,) float32
 
 
+_OPEN: dict[str, list] = {}  # path -> [env, dbs, users]: LMDB allows one env per file per process
+_OPEN_LOCK = threading.Lock()
+
+
+def _acquire(path: Path, create: bool):
+    import lmdb
+
+    key = str(path.resolve())
+    with _OPEN_LOCK:
+        if key not in _OPEN:
+            # Read-write unless the folder is not writable (a read-only checkout): the
+            # read-only/read-write distinction of Store is enforced by Store itself.
+            readonly = path.exists() and not os.access(path, os.W_OK)
+            env = lmdb.open(key, map_size=MAP_SIZE, max_dbs=len(DBS), readonly=readonly, lock=not readonly,
+                            create=create, readahead=False)
+            dbs = {name.decode(): env.open_db(name, create=not readonly) for name in DBS}
+            _OPEN[key] = [env, dbs, 0]
+        _OPEN[key][2] += 1
+        return key, _OPEN[key][0], _OPEN[key][1]
+
+
+def _release(key: str) -> None:
+    with _OPEN_LOCK:
+        entry = _OPEN.get(key)
+        if entry is not None:
+            entry[2] -= 1
+            if entry[2] == 0:
+                entry[0].close()
+                del _OPEN[key]
+
+
 class Store:
     """Typed access to the LMDB environment of one index."""
 
@@ -56,18 +88,19 @@ class Store:
         import lmdb
 
         self.path = Path(folder) / "store.lmdb"
+        self.readonly = readonly
         if not create and not (self.path / "data.mdb").is_file():
             raise IndexStoreError(f"{folder}: not an esm-index index (no store.lmdb); run 'esm-index init'")
         try:
-            self.env = lmdb.open(str(self.path), map_size=MAP_SIZE, max_dbs=len(DBS), readonly=readonly,
-                                 lock=True, create=create, readahead=False)
-            self.db = {name.decode(): self.env.open_db(name, create=not readonly) for name in DBS}
+            self._key, self.env, self.db = _acquire(self.path, create)
         except lmdb.Error as exc:
             raise IndexStoreError(f"{self.path}: cannot open the LMDB store ({exc})") from None
         self._manifest: dict | None = None
 
     def close(self) -> None:
-        self.env.close()
+        if self._key is not None:
+            _release(self._key)
+            self._key = None
 
     # ---- manifest and probe --------------------------------------------------------------
     def init(self, manifest: dict, probe: np.ndarray) -> None:
@@ -108,8 +141,9 @@ class Store:
         return np.dtype("<f2" if self.manifest.get("esm_dtype", "float16") == "float16" else "<f4")
 
     def _encode_esm(self, weight: np.ndarray, bias: np.ndarray) -> bytes:
-        w = np.ascontiguousarray(weight, self.esm_dtype)
-        b = np.ascontiguousarray(bias, self.esm_dtype)
+        with np.errstate(over="ignore"):
+            w = np.ascontiguousarray(weight, self.esm_dtype)
+            b = np.ascontiguousarray(bias, self.esm_dtype)
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise InvalidESMError(f"ESM weights do not fit in {self.esm_dtype.name} (overflow)")
         return w.tobytes() + b.tobytes()

@@ -1,0 +1,127 @@
+"""The CLI, driven through click's CliRunner: every command, JSON a program can parse, and
+one-line errors with exit code 2 for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import SAMPLES, random_esms
+from esm_index.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture
+def index_dir(tmp_path, tiny_model, runner):
+    folder = tmp_path / "idx"
+    result = runner.invoke(main, ["init", str(folder), "--model", str(tiny_model), "--model-name", "tiny"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture
+def esm_dirs(tmp_path):
+    folders = []
+    for i, esm in enumerate(random_esms(np.random.default_rng(0), 12, 32, scale=1.0)):
+        esm.meta.update({"task_id": f"task{i}", "base_model_name": "tiny", "language": "en" if i < 6 else "fr"})
+        folders.append(str(esm.save(tmp_path / "esms" / f"e{i}")))
+    return folders
+
+
+def _json(result):
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def _one_line_error(result):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+def test_help_lists_the_commands(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("init", "import", "add", "rank", "info", "list", "remove", "export", "verify", "rebuild"):
+        assert command in result.output
+
+
+def test_import_info_list_rank_export_verify(runner, index_dir, esm_dirs, tmp_path):
+    result = runner.invoke(main, ["import", str(index_dir), *esm_dirs])
+    assert result.exit_code == 0 and "imported 12" in result.output
+    again = runner.invoke(main, ["import", str(index_dir), *esm_dirs])
+    assert "imported 0, skipped 12" in again.output
+
+    info = _json(runner.invoke(main, ["info", str(index_dir), "--json"]))
+    assert info["sources"] == 12 and info["model"] == "tiny" and info["esm_dtype"] == "float16"
+    listing = _json(runner.invoke(main, ["list", str(index_dir), "--json"]))
+    assert sorted(s["name"] for s in listing) == sorted(f"task{i}" for i in range(12))
+
+    target = str(SAMPLES / "sms_spam.csv")
+    out = runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text", "--label-col", "label",
+                               "--top", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    ranking = _json(out)
+    assert [r["rank"] for r in ranking["results"]] == [1, 2, 3] and ranking["pool_size"] == 12
+    assert ranking["results"][0]["score"] >= ranking["results"][1]["score"] and "exact" in ranking["timings"]
+
+    exact = _json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
+                                            "--label-col", "label", "--top", "12", "--exact", "--json"]))
+    assert exact["results"][0]["source"] == ranking["results"][0]["source"]
+    french = _json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
+                                             "--label-col", "label", "--language", "fr", "--json"]))
+    assert french["pool_size"] == 6 and all(r["meta"]["language"] == "fr" for r in french["results"])
+    csv_out = runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
+                                   "--label-col", "label", "--top", "2", "--csv"]).output.splitlines()
+    assert csv_out[0].startswith("rank,source,score") and len(csv_out) == 3
+
+    assert runner.invoke(main, ["export", str(index_dir), str(tmp_path / "out")]).exit_code == 0
+    assert len(list((tmp_path / "out").iterdir())) == 12
+    assert runner.invoke(main, ["verify", str(index_dir)]).exit_code == 0
+    assert runner.invoke(main, ["remove", str(index_dir), "task0"]).exit_code == 0
+    assert _json(runner.invoke(main, ["info", str(index_dir), "--json"]))["sources"] == 11
+    (index_dir / "prefilter.faiss").unlink()
+    assert runner.invoke(main, ["verify", str(index_dir)]).exit_code == 1
+    assert runner.invoke(main, ["rebuild", str(index_dir)]).exit_code == 0
+    assert runner.invoke(main, ["verify", str(index_dir)]).exit_code == 0
+
+
+def test_bad_inputs_give_one_line_and_exit_2(runner, index_dir, esm_dirs, tmp_path):
+    rank = ["rank", "--index", str(index_dir), "--text-col", "text", "--label-col", "label"]
+    assert "no such file" in _one_line_error(runner.invoke(main, [rank[0], str(tmp_path / "none.csv"), *rank[1:]]))
+    single = tmp_path / "single.csv"
+    single.write_text("text,label\na,x\nb,x\n")
+    assert "single class" in _one_line_error(runner.invoke(main, [rank[0], str(single), *rank[1:]]))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert "no rows" in _one_line_error(runner.invoke(main, [rank[0], str(empty), *rank[1:]]))
+    words = tmp_path / "words.csv"
+    words.write_text("text,label\na,high\nb,low\n")
+    assert "numbers" in _one_line_error(runner.invoke(main, [rank[0], str(words), *rank[1:], "--task", "regression"]))
+    wrong_col = runner.invoke(main, ["rank", str(single), "--index", str(index_dir), "--text-col", "body", "--label-col", "label"])
+    assert "no column 'body'" in _one_line_error(wrong_col)
+    not_index = runner.invoke(main, ["rank", str(single), "--index", str(tmp_path), "--text-col", "text", "--label-col", "label"])
+    assert "not an esm-index index" in _one_line_error(not_index)
+
+    nan_dir = tmp_path / "nan"
+    from safetensors.numpy import save_file
+    nan_dir.mkdir()
+    save_file({"model.weight": np.full((32, 32), np.nan, np.float32), "model.bias": np.zeros(32, np.float32)},
+              str(nan_dir / "model.safetensors"))
+    pickle_dir = tmp_path / "pkl"
+    pickle_dir.mkdir()
+    (pickle_dir / "pytorch_model.bin").write_bytes(b"x")
+    result = runner.invoke(main, ["import", str(index_dir), esm_dirs[0], str(nan_dir), str(pickle_dir)])
+    assert result.exit_code == 2 and "imported 1" in result.output
+    assert "NaN" in result.output and "pickle" in result.output and "Traceback" not in result.output
+
+    wrong_dim = tmp_path / "wide"
+    random_esms(np.random.default_rng(1), 1, 48)[0].save(wrong_dim)
+    result = runner.invoke(main, ["import", str(index_dir), str(wrong_dim), *esm_dirs[1:3]])
+    assert result.exit_code == 2 and "imported 2" in result.output and "48-dimensional" in result.output

@@ -1,0 +1,191 @@
+"""SourceIndex over a real LMDB store and real FAISS files, with a tiny in-process BERT."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, random_esms, read_sample
+from esm_index.errors import IndexStoreError, InvalidESMError, InvalidTargetError, ModelMismatchError
+from esm_index.esm import ESM
+from esm_index.index import Filters, SourceIndex
+from esm_index.prefilter import FAISS_FILE
+
+
+@pytest.fixture
+def index(tmp_path, tiny_model):
+    with SourceIndex.create(tmp_path / "idx", tiny_model) as ix:
+        yield ix
+
+
+def _target(n=120, seed=0):
+    texts, names = read_sample("movie_reviews", n)
+    return texts, np.asarray([names.index(x) for x in names]) * 0 + np.asarray([x == "fresh" for x in names], int)
+
+
+def _fill(index, count=40, seed=0, **meta):
+    esms = random_esms(np.random.default_rng(seed), count, 32, scale=1.0)
+    for i, e in enumerate(esms):
+        e.meta.update({"task_id": f"s{seed}-{i}", "language": "en" if i % 2 else "de", "num_examples": 100 * i,
+                       "tags": ["sentiment"] if i % 3 == 0 else [], **meta})
+    return index.add_esms((f"s{seed}-{i}", e) for i, e in enumerate(esms))
+
+
+def test_add_rank_and_resume(index):
+    assert _fill(index) == (40, 0)
+    assert _fill(index) == (0, 40)  # re-running an import duplicates nothing
+    index.rebuild()
+    assert len(index) == 40 and index.verify() == []
+    texts, labels = _target()
+    exact = index.rank(texts, labels, top=40, exact=True)
+    assert [r["rank"] for r in exact.results] == list(range(1, 41))
+    assert all(a["score"] >= b["score"] for a, b in zip(exact.results, exact.results[1:]))
+    fast = index.rank(texts, labels, top=5, shortlist=20)
+    assert {r["source"]: r["score"] for r in fast.results}.items() <= {r["source"]: r["score"] for r in exact.results}.items()
+    assert "approx_score" in fast.results[0] and fast.pool_size == 40
+
+
+def test_scores_equal_a_direct_computation(index):
+    _fill(index, 5)
+    texts, labels = _target()
+    ranking = index.rank(texts, labels, top=5, exact=True)
+    from esm_index.logme import logme
+
+    x = index.embed(texts)
+    best = index.get_esm(ranking.results[0]["source"])
+    # float16 storage: the stored map is the float16 rounding of the one added
+    assert ranking.results[0]["score"] == pytest.approx(logme(best.apply(x), labels), abs=1e-6)
+
+
+def test_metadata_filters(index):
+    _fill(index, 30)
+    index.rebuild()
+    texts, labels = _target()
+    ranking = index.rank(texts, labels, top=30, filters=Filters(language="de", tags=["sentiment"]), shortlist=4)
+    assert ranking.results and all(r["meta"]["language"] == "de" and "sentiment" in r["meta"]["tags"]
+                                   for r in ranking.results)
+    sizes = index.rank(texts, labels, top=30, filters=Filters(min_size=2000), exact=True)
+    assert all(r["meta"]["num_examples"] >= 2000 for r in sizes.results) and len(sizes.results) == 10
+
+
+def test_remove_export_and_reimport(index, tmp_path):
+    _fill(index, 6)
+    assert index.remove(["s0-1", "nope"]) == ["nope"]
+    assert len(index) == 5
+    assert index.export(tmp_path / "out") == 5
+    again = ESM.load(tmp_path / "out" / "s0-2")
+    np.testing.assert_array_equal(again.weight, index.get_esm("s0-2").weight)
+
+
+def test_model_mismatch_and_bad_weights_are_refused(index):
+    with pytest.raises(ModelMismatchError):
+        index.add_esm("big", ESM(np.eye(48), np.zeros(48)))
+    other = ESM(np.eye(32), np.zeros(32), {"base_model_name": "bert-base-uncased"})
+    with pytest.raises(ModelMismatchError, match="bert-base-uncased"):
+        index.add_esm("other", other)
+    with pytest.raises(InvalidESMError, match="float16"):
+        index.add_esm("huge", ESM(np.eye(32) * 1e6, np.zeros(32)))
+    with pytest.raises(ModelMismatchError):
+        index.rank_embeddings(np.zeros((4, 16)), [0, 1, 0, 1])
+    with pytest.raises(InvalidTargetError, match="single class"):
+        index.rank(["a", "b"], [1, 1])
+    with pytest.raises(InvalidTargetError, match="no examples"):
+        index.rank([], [])
+
+
+def test_damaged_or_deleted_faiss_files_are_detected_and_rebuilt(index):
+    _fill(index, 10)
+    index.rebuild()
+    path = index.folder / FAISS_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    fresh = SourceIndex(index.folder)
+    assert any("prefilter" in p for p in fresh.verify())
+    texts, labels = _target()
+    assert fresh.rank(texts, labels, top=3, shortlist=3).results  # rebuilt on the way
+    assert fresh.verify() == []
+    path.unlink()
+    assert any("prefilter" in p for p in fresh.verify())
+    fresh.rebuild()
+    assert fresh.verify() == []
+
+
+def test_a_stale_prefilter_is_noticed(index):
+    _fill(index, 5)
+    index.rebuild()
+    _fill(index, 5, seed=1)  # written after the FAISS files
+    assert any("stale" in p for p in SourceIndex(index.folder, readonly=True).verify())
+
+
+def test_not_an_index(tmp_path):
+    with pytest.raises(IndexStoreError, match="not an esm-index index"):
+        SourceIndex(tmp_path)
+
+
+def test_concurrent_queries_from_threads(index):
+    _fill(index, 20)
+    index.rebuild()
+    texts, labels = _target()
+    x = index.embed(texts)
+    expected = index.rank_embeddings(x, labels, top=5).results
+    errors, results = [], []
+
+    def work():
+        try:
+            results.append(index.rank_embeddings(x, labels, top=5).results)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and all(r == expected for r in results)
+
+
+IMPORTER = """
+import sys, time, numpy as np
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+from conftest import random_esms
+from esm_index.index import SourceIndex
+index = SourceIndex({folder!r})
+esms = random_esms(np.random.default_rng(7), 400, 32)
+def items():
+    for i, e in enumerate(esms):
+        if i == 8:
+            print("started", flush=True)
+        if "slow" in sys.argv:
+            time.sleep(0.01)  # a slow source of ESMs, so the kill lands mid-way
+        yield f"k{{i}}", e
+index.add_esms(items(), batch_size=8)
+print("finished", flush=True)
+"""
+
+
+def test_killed_import_loses_nothing_committed_and_resumes(index):
+    script = IMPORTER.format(repo=str(REPO), tests=str(REPO / "tests"), folder=str(index.folder))
+    proc = subprocess.Popen([sys.executable, "-c", script, "slow"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    # Let some batches commit while queries keep answering beside the writer.
+    reader = SourceIndex(index.folder, readonly=True)
+    texts, labels = _target(60)
+    x = index.embed(texts)
+    for _ in range(3):
+        assert reader.rank_embeddings(x, labels, top=3).pool_size >= 0
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(SourceIndex(index.folder))
+    assert 0 < partial < 400 and partial % 8 == 0  # whole batches only
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "finished" in proc.stdout, proc.stderr
+    resumed = SourceIndex(index.folder)
+    assert len(resumed) == 400
+    assert sorted(s["name"] for s in resumed.sources()) == sorted(f"k{i}" for i in range(400))
+    resumed.rebuild()
+    assert resumed.verify() == []
