@@ -111,53 +111,135 @@ def check_esm_batch(weights: torch.Tensor, biases: torch.Tensor, dim: int) -> No
         raise InvalidESMError("ESM weights contain NaN or infinity")
 
 
-def _spectrum(target: TargetStats, weights: torch.Tensor, biases: torch.Tensor):
-    """Per source: kept eigenvalues sigma (B, k), squared projections x^2 (B, k, C) and a
-    keep-mask (B, k), from the Gram matrix of K = R [W, b]^T."""
+def _gram(target: TargetStats, weights: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The Gram matrix whose spectrum decides the score, and the matching right-hand side.
+
+    K = R [W, b]^T (rq x D). Kernel side (rq <= D, small targets): A = K K^T and z = Q^T y.
+    Feature side (n > D): A = K^T K and z = K^T Q^T y (= F^T y); there x_i = v_i^T z / s_i.
+    """
     w_aug = torch.cat([weights, biases.unsqueeze(-1)], dim=2).to(target.r)  # (B, D, d+1)
     k = target.r @ w_aug.transpose(1, 2)  # (B, rq, D)
     if k.shape[1] <= k.shape[2]:
-        return gram_spectrum(target, k @ k.transpose(1, 2))
-    # Feature side (n > D): eigh of K^T K; U^T y = diag(1/s) V^T K^T (Q^T y), and like
-    # hfselect we drop singular values <= RANK_TOL.
-    sigma, v = torch.linalg.eigh(k.transpose(1, 2) @ k)
-    s = sigma.clamp_min(0.0).sqrt()
-    keep = s > RANK_TOL
-    x = (v.transpose(1, 2) @ (k.transpose(1, 2) @ target.qty)) / torch.where(keep, s, 1.0).unsqueeze(-1)
-    x = torch.where(keep.unsqueeze(-1), x, 0.0)
-    return torch.where(keep, s * s, 0.0), x * x, keep
+        return k @ k.transpose(1, 2), target.qty.expand(k.shape[0], -1, -1), True
+    kt = k.transpose(1, 2)
+    return kt @ k, kt @ target.qty, False
 
 
-def gram_spectrum(target: TargetStats, gram: torch.Tensor):
-    """Kernel side: eigh of G = K K^T (B, rq, rq); P^T (Q^T y) are the projections. Like
-    hfselect (n <= D) we keep every eigenvalue, however small."""
-    sigma, p = torch.linalg.eigh(gram)
-    x = p.transpose(1, 2) @ target.qty
-    return sigma.clamp_min(0.0), x * x, torch.ones_like(sigma, dtype=torch.bool)
+class EigTerms:
+    """Fixed-point terms from a full eigendecomposition (GPU, and small problems).
+
+    With x = U^T y: m2 = sum sigma x^2/(t+sigma)^2, res2 = sum x^2 t^2/(t+sigma)^2 + |y|^2 - |x|^2.
+    """
+
+    def __init__(self, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool, yy: torch.Tensor) -> None:
+        sigma, vecs = torch.linalg.eigh(gram)
+        sigma = sigma.abs()  # hfselect takes an SVD of the Gram: rounding noise counts as |lambda|
+        proj = vecs.transpose(1, 2) @ rhs
+        if kernel_side:  # hfselect keeps every one of the n eigenvalues here
+            self.keep = torch.ones_like(sigma, dtype=torch.bool)
+        else:  # hfselect drops singular values <= RANK_TOL when n > D
+            s = sigma.sqrt()
+            self.keep = s > RANK_TOL
+            proj = torch.where(self.keep.unsqueeze(-1), proj / torch.where(self.keep, s, 1.0).unsqueeze(-1), 0.0)
+        self.sigma = torch.where(self.keep, sigma, 0.0)
+        self.x2 = proj * proj
+        self.res_x2 = yy.unsqueeze(0) - self.x2.sum(1)
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sig, t = self.sigma.unsqueeze(-1), t.unsqueeze(1)
+        m2 = (sig * self.x2 / (t + sig) ** 2).sum(1)
+        res2 = (self.x2 / (1 + sig / t) ** 2).sum(1) + self.res_x2
+        return m2, res2
 
 
-def evidence_from_spectrum(
-    sigma: torch.Tensor, x2: torch.Tensor, keep: torch.Tensor, yy: torch.Tensor, n: int, out_dim: int
-) -> torch.Tensor:
-    """Run hfselect's fixed point for every (source, label column) at once; return the mean
-    evidence per example for each source, shape (B,)."""
+class TridiagonalTerms:
+    """The same terms without eigenvectors, for the CPU.
+
+    An eigendecomposition with vectors costs ~3x a tridiagonalisation A = H T H^T. The fixed
+    point needs the eigenvalues (for gamma and log det: dsterf, O(D^2)) and two quadratic
+    forms in the resolvent, which one shifted tridiagonal solve w = (T + tI)^-1 H^T z gives
+    per (source, label column) in O(D):
+
+        feature side: m2 = |w|^2,              res2 = |y|^2 - z.w - t |w|^2
+        kernel side:  m2 = z.w - t |w|^2,      res2 = t^2 |w|^2 + |y|^2 - |z|^2
+
+    ``parts`` yields (gram, rhs) chunks (see ``_gram``); all sources share one fixed point,
+    so its per-row numpy loop is paid once per call rather than once per chunk.
+    """
+
+    def __init__(self, parts, kernel_side: bool, yy: torch.Tensor) -> None:
+        from scipy.linalg import lapack
+
+        diags, offs, zs, sigmas = [], [], [], []
+        for gram, rhs in parts:
+            a, z = gram.cpu().numpy(), rhs.cpu().numpy()
+            m, cols = z.shape[1], z.shape[2]
+            lwork = int(lapack.dsytrd_lwork(m, lower=1)[0])  # blocked; the default is 2.5x slower
+            for i in range(len(a)):
+                # a[i] is symmetric, so its transpose is the Fortran-ordered copy LAPACK wants
+                refl, d, e, tau, _ = lapack.dsytrd(a[i].T, lower=1, lwork=lwork)
+                zi = z[i].copy()
+                if m > 1:
+                    zi[1:] = lapack.dormqr("L", "T", refl[1:, :-1], tau, zi[1:], max(1, 64 * cols))[0]
+                diags.append(d)
+                offs.append(e if m > 1 else np.zeros(1))
+                zs.append(zi)
+                sigmas.append(lapack.dsterf(d, e)[0] if m > 1 else d.copy())
+        self.diag, self.off = np.stack(diags, 1), np.stack(offs, 1)  # (m, B), (m-1, B)
+        self.z = np.stack(zs, 1)  # (m, B, C)
+        sigma = torch.from_numpy(np.stack(sigmas)).abs()  # as in EigTerms
+        self.keep = torch.ones_like(sigma, dtype=torch.bool) if kernel_side else sigma.sqrt() > RANK_TOL
+        self.sigma = torch.where(self.keep, sigma, 0.0)
+        self.kernel_side = kernel_side
+        self.yy = yy.cpu().numpy()[None, :]
+        self.zz = (self.z * self.z).sum(0)
+
+    def _solve(self, t: np.ndarray) -> np.ndarray:
+        """w = (T + tI)^-1 z for every (source, column): the Thomas algorithm, vectorised
+        over sources and columns (T + tI is positive definite, so no pivoting is needed)."""
+        d, e, z = self.diag[:, :, None], self.off[:, :, None], self.z
+        m = len(d)
+        piv, y = np.empty_like(z), np.empty_like(z)
+        piv[0], y[0] = d[0] + t, z[0]
+        for i in range(1, m):
+            ratio = e[i - 1] / piv[i - 1]
+            piv[i] = d[i] + t - ratio * e[i - 1]
+            y[i] = z[i] - ratio * y[i - 1]
+        w = np.empty_like(z)
+        w[m - 1] = y[m - 1] / piv[m - 1]
+        for i in range(m - 2, -1, -1):
+            w[i] = (y[i] - e[i] * w[i + 1]) / piv[i]
+        return w
+
+    def __call__(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tn = t.numpy()
+        w = self._solve(tn)
+        zw, ww = (self.z * w).sum(0), (w * w).sum(0)
+        if self.kernel_side:
+            m2, res2 = zw - tn * ww, tn * tn * ww + self.yy - self.zz
+        else:
+            m2, res2 = ww, self.yy - zw - tn * ww
+        return torch.from_numpy(m2), torch.from_numpy(res2)
+
+
+def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim: int, columns: int) -> torch.Tensor:
+    """hfselect's fixed point for every (source, label column) at once; returns the mean
+    evidence per example of each source, shape (B,). ``terms(t)`` gives (m2, res2)."""
     sig = sigma.unsqueeze(-1)  # (B, k, 1)
     kept = keep.unsqueeze(-1).to(sigma.dtype)
-    res_x2 = yy.unsqueeze(0) - x2.sum(1)  # (B, C)
-    shape = res_x2.shape
+    shape = (sigma.shape[0], columns)
     alpha = torch.ones(shape, dtype=sigma.dtype, device=sigma.device)
     beta = torch.ones_like(alpha)
     m2 = torch.zeros_like(alpha)
     res2 = torch.zeros_like(alpha)
     active = torch.ones(shape, dtype=torch.bool, device=sigma.device)
     for _ in range(MAX_STEPS):
-        t = (alpha / beta).unsqueeze(1)  # (B, 1, C)
-        gamma_i = (kept * sig / (sig + t)).sum(1)
-        m2_i = (sig * x2 / (t + sig) ** 2).sum(1)
-        res2_i = (x2 / (1 + sig / t) ** 2).sum(1) + res_x2
+        t = alpha / beta  # (B, C)
+        gamma_i = (kept * sig / (sig + t.unsqueeze(1))).sum(1)
+        m2_i, res2_i = terms(t)
         alpha_i = gamma_i / (m2_i + EPS)
         beta_i = (n - gamma_i) / (res2_i + EPS)
-        done = (alpha_i / beta_i - t.squeeze(1)).abs() / t.squeeze(1) <= RTOL
+        done = (alpha_i / beta_i - t).abs() / t <= RTOL
         alpha = torch.where(active, alpha_i, alpha)
         beta = torch.where(active, beta_i, beta)
         m2 = torch.where(active, m2_i, m2)
@@ -172,21 +254,41 @@ def evidence_from_spectrum(
 
 
 def score_esms(
-    target: TargetStats, weights: torch.Tensor, biases: torch.Tensor, batch_size: int = 64
+    target: TargetStats, weights: torch.Tensor, biases: torch.Tensor, batch_size: int = 64, method: str = "auto"
 ) -> np.ndarray:
     """ESM-LogME of one target for a stack of ESMs (B, D, d) / (B, D); higher is better.
 
     Weights may be float16/float32 on any device; the algebra runs in float64 on the
     target's device, ``batch_size`` sources at a time to bound memory (B x D x D doubles).
+    ``method``: "eigh" (batched eigendecomposition, best on a GPU), "tridiagonal" (no
+    eigenvectors, best on a CPU) or "auto".
     """
     check_esm_batch(weights, biases, target.dim)
+    if weights.shape[0] == 0:
+        return np.zeros(0)
+    device = target.r.device
+    if method == "auto":
+        method = "eigh" if device.type == "cuda" or weights.shape[1] <= 64 else "tridiagonal"
+    chunks = [(weights[i:i + batch_size].to(device), biases[i:i + batch_size].to(device))
+              for i in range(0, weights.shape[0], batch_size)]
+    kernel_side = target.r.shape[0] <= weights.shape[1]
+    out_dim, cols = weights.shape[1], target.qty.shape[1]
+    if method == "tridiagonal":
+        terms = TridiagonalTerms((_gram(target, w, b)[:2] for w, b in chunks), kernel_side, target.yy)
+        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols).numpy()
     out = []
-    for start in range(0, weights.shape[0], batch_size):
-        w = weights[start:start + batch_size]
-        b = biases[start:start + batch_size]
-        sigma, x2, keep = _spectrum(target, w.to(target.r.device), b.to(target.r.device))
-        out.append(evidence_from_spectrum(sigma, x2, keep, target.yy, target.n, w.shape[1]))
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+    for w, b in chunks:
+        terms = EigTerms(*_gram(target, w, b), target.yy)
+        out.append(fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols).cpu())
+    return torch.cat(out).numpy()
+
+
+def score_grams(target: TargetStats, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool,
+                out_dim: int) -> torch.Tensor:
+    """Scores (B,) straight from Gram matrices by eigendecomposition (differentiable); used by
+    the prefilter's small subspace problems."""
+    terms = EigTerms(gram, rhs, kernel_side, target.yy)
+    return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, target.qty.shape[1])
 
 
 def logme(features: np.ndarray, labels: np.ndarray, regression: bool = False) -> float:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .logme import TargetStats, evidence_from_spectrum, gram_spectrum
+from .logme import TargetStats, score_grams
 
 DEFAULT_PROBE_DIM = 32
 
@@ -96,7 +96,7 @@ def subspace_scores(target: TargetStats, summaries: torch.Tensor, out_dim: int,
     for start in range(0, summaries.shape[0], batch_size):
         s = unvec(summaries[start:start + batch_size], k)
         gram = target.r @ s @ target.r.T
-        out.append(evidence_from_spectrum(*gram_spectrum(target, gram), target.yy, target.n, out_dim))
+        out.append(score_grams(target, gram, target.qty.expand(len(gram), -1, -1), True, out_dim))
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -106,7 +106,7 @@ def linear_query(target: TargetStats, mean_summary: np.ndarray, out_dim: int) ->
     k = target.dim
     s0 = torch.as_tensor(mean_summary, dtype=torch.float64).reshape(1, -1).clone().requires_grad_(True)
     gram = target.r @ unvec(s0, k) @ target.r.T
-    score = evidence_from_spectrum(*gram_spectrum(target, gram), target.yy, target.n, out_dim).sum()
+    score = score_grams(target, gram, target.qty.unsqueeze(0), True, out_dim).sum()
     (grad,) = torch.autograd.grad(score, s0)
     return grad.reshape(-1).float().numpy()
 

@@ -24,9 +24,30 @@ def test_classification_matches_hfselect(n, d, classes):
     labels = rng.integers(0, classes, n)
     w = (rng.standard_normal((5, d, d)) * 0.3).astype(np.float32)
     b = rng.standard_normal((5, d)).astype(np.float32)
-    ours = score_esms(TargetStats.from_embeddings(x, labels), torch.from_numpy(w), torch.from_numpy(b), batch_size=2)
+    stats = TargetStats.from_embeddings(x, labels)
     ref = [_reference(x, w[i], b[i], labels) for i in range(5)]
+    for method in ("eigh", "tridiagonal"):
+        ours = score_esms(stats, torch.from_numpy(w), torch.from_numpy(b), batch_size=2, method=method)
+        np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["eigh", "tridiagonal"])
+def test_rank_deficient_features_match_hfselect(method):
+    """Real sentence embeddings are exactly rank-deficient ([X, 1] has null directions:
+    LayerNorm makes a weighted sum of the dimensions constant). hfselect keeps those
+    directions (their rounding-noise eigenvalues pass its threshold); so must we."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((400, 24))
+    x[:, 0] = 1.0 - x[:, 1:].sum(1)  # an exact linear relation with the constant
+    x[:, 5] = 0.0  # and a dead dimension
+    x = x.astype(np.float32)
+    labels = (x[:, 2] + 0.3 * rng.standard_normal(400) > 0).astype(int) + (x[:, 3] > 1)
+    w = (np.eye(24) + 0.2 * rng.standard_normal((3, 24, 24))).astype(np.float32)
+    b = rng.standard_normal((3, 24)).astype(np.float32)
+    ours = score_esms(TargetStats.from_embeddings(x, labels), torch.from_numpy(w), torch.from_numpy(b), method=method)
+    ref = [_reference(x, w[i], b[i], labels) for i in range(3)]
     np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+    assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-6)
 
 
 def test_absent_classes_count_like_hfselect():

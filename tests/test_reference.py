@@ -92,6 +92,19 @@ def test_classification_scores_match_hfselect(esm_folders, hf_model, minilm_path
     assert np.argsort(ours).tolist() == np.argsort(theirs).tolist() or np.ptp(theirs) < 1e-4
 
 
+def test_scores_match_hfselect_with_more_examples_than_dimensions(esm_folders, hf_model, minilm_path):
+    """n > d: the feature-side path, where real MiniLM embeddings are rank-deficient."""
+    texts, names = [], []
+    for sample in ("movie_reviews", "sms_spam", "news_topics"):
+        t, n = read_sample(sample, 150)
+        texts += t
+        names += n
+    labels = [sorted(set(names)).index(n) for n in names]  # 9 classes, 450 examples
+    ours = _our_scores(texts, labels, False, esm_folders, minilm_path)
+    theirs = _hfselect_scores(texts, labels, False, esm_folders, hf_model)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_regression_scores_match_hfselect(esm_folders, hf_model, minilm_path):
     texts, _ = read_sample("movie_reviews", 200)
     labels = [float(np.log1p(len(t.split()))) for t in texts]  # a real-valued property of real texts
