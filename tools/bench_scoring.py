@@ -125,16 +125,21 @@ def main() -> None:
     ap.add_argument("--no-hfselect", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=1, help="our side: best of this many runs")
+    ap.add_argument("--synthetic", action="store_true", help="synthetic targets at every d (no model needed)")
+    ap.add_argument("--linalg", choices=["default", "cusolver", "magma"], default="default",
+                    help="torch's CUDA linear-algebra backend")
     args = ap.parse_args()
+    if args.linalg != "default":
+        torch.backends.cuda.preferred_linalg_library(args.linalg)
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""), flush=True)
+          + (f" ({torch.cuda.get_device_name()}, linalg {args.linalg})" if args.device == "cuda" else ""), flush=True)
     print("| d | n | sources | hfselect s (map + LogME) | esm-index s | ratio | per source ms (ours) | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for config in args.configs:
         d, n = map(int, config.split(":"))
-        x, y = real_target(n) if d == 384 else synthetic_target(n, d)
+        x, y = real_target(n) if d == 384 and not args.synthetic else synthetic_target(n, d)
         w, b = make_esms(args.sources, d)
         ours(x[:500], y[:500], w[:2], b[:2], args.device)  # warm-up: numba cache / CUDA context
         our_scores, our_s = min((ours(x, y, w, b, args.device) for _ in range(args.repeats)), key=lambda r: r[1])
