@@ -199,7 +199,7 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, exact
                    f"{sum(ranking.timings.values()):.2f} s")
         click.echo(f"{'rank':>4}  {'score':>9}  source")
         for r in ranking.results:
-            extra = r["meta"].get("name") or r["meta"].get("language") or ""
+            extra = ", ".join(str(v) for v in (r["meta"].get("title"), r["meta"].get("language")) if v)
             click.echo(f"{r['rank']:>4}  {r['score']:>9.4f}  {r['source']}" + (f"  ({extra})" if extra else ""))
 
 

@@ -391,8 +391,11 @@ class SourceIndex:
 
 
 def _source_meta(esm: ESM) -> dict:
-    """What we keep of an ESM's config: everything JSON, plus the fields filters use."""
+    """What we keep of an ESM's config: everything JSON, plus the fields filters use.
+    ``name`` is the source's key in the index, so a descriptive name becomes ``title``."""
     meta = dict(esm.meta)
+    if "name" in meta:
+        meta.setdefault("title", meta.pop("name"))
     meta.setdefault("task_type", "classification")
     return meta
 

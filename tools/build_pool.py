@@ -94,7 +94,7 @@ def main() -> None:
         t0 = time.perf_counter()
         esm, encoder = finetune_and_fit(embedder, data, cfg, progress=sys.stderr.isatty())
         tuned = embedder.with_model(encoder)
-        esm.meta.update({"task_id": tid, "name": meta["name"], "language": meta["language"],
+        esm.meta.update({"task_id": tid, "title": meta["name"], "language": meta["language"],
                          "label_names": meta["label_names"], "num_examples": len(data),
                          "provenance": f"{meta['source_package']}:{meta['source_path']}",
                          "licence": meta["licence"], "text_column": "text", "label_column": "label"})
