@@ -338,28 +338,28 @@ class SourceIndex:
         device = self._device or ("cuda" if _cuda() else "cpu")
         target = TargetStats.from_embeddings(x, labels, regression, device=device)
         out_dim = self.manifest["out_dim"]
-        all_ids = self.store.ids()
+        total = self.store.count()
         allowed = None
         if filters:
             allowed = np.asarray([i for i, m in self.store.iter_meta() if filters.accepts(m)], np.int64)
-        pool = all_ids if allowed is None else allowed
+        pool_size = total if allowed is None else len(allowed)
         approx: dict[int, float] = {}
         linear: dict[int, float] = {}
-        if exact or shortlist is None or shortlist >= len(pool):
-            chosen = pool
+        if exact or shortlist is None or shortlist >= pool_size:
+            chosen = self.store.ids() if allowed is None else allowed
         else:
             sub_target = project_target(x, labels, regression, self.probe)
             index, mean_summary = self.prefilter()
             lap("prepare")
-            if len(pool) > candidates:
+            if pool_size > candidates:
                 query = linear_query(sub_target, mean_summary, out_dim)
-                ids, scores = search(index, query, candidates if allowed is None else len(all_ids))
+                ids, scores = search(index, query, candidates if allowed is None else total)
                 if allowed is not None:
                     keep = np.isin(ids, allowed)
                     ids, scores = ids[keep][:candidates], scores[keep][:candidates]
                 linear = dict(zip(ids.tolist(), scores.tolist()))
             else:
-                ids = pool
+                ids = self.store.ids() if allowed is None else allowed
             lap("faiss")
             ids, vecs = self.store.summaries(ids)
             import torch
@@ -387,7 +387,7 @@ class SourceIndex:
                 result["prefilter_score"] = linear[sid]
             result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding")}
             results.append(result)
-        return Ranking(results, pool_size=len(pool), timings=timings)
+        return Ranking(results, pool_size=pool_size, timings=timings)
 
 
 def _source_meta(esm: ESM) -> dict:
