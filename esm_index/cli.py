@@ -284,11 +284,12 @@ def verify(folder):
 
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--reprobe", is_flag=True, help="Also refit the probe to the current pool and recompute summaries.")
 @friendly
-def rebuild(folder):
+def rebuild(folder, reprobe):
     """Rebuild the FAISS prefilter from LMDB."""
     with _open(folder) as index:
-        index.rebuild()
+        index.rebuild(reprobe=reprobe)
         click.echo(f"rebuilt the prefilter over {len(index)} sources")
 
 

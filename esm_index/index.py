@@ -90,7 +90,7 @@ class SourceIndex:
         """Make a new, empty index for one base model and pooling. The prefilter's probe is
         computed here from reference texts embedded with that model."""
         from .embed import Embedder
-        from .prefilter import make_probe, summarize
+        from .prefilter import join_probe, make_probe, summarize
 
         if esm_dtype not in ("float16", "float32"):
             raise ValueError("esm_dtype must be float16 or float32")
@@ -100,16 +100,19 @@ class SourceIndex:
         spec = spec or EmbeddingSpec()
         embedder = Embedder(model_path, spec, device=device)
         texts = list(reference_texts) if reference_texts else REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
-        probe = make_probe(embedder.embed(texts), probe_dim)
+        reference = make_probe(embedder.embed(texts), probe_dim)
+        probe = join_probe(reference, None, probe_dim)
         dim = embedder.dim
         summary_dim = summarize(np.eye(dim)[None], np.zeros((1, dim)), probe).shape[1]
         folder.mkdir(parents=True, exist_ok=True)
         store = Store(folder, create=True)
         store.init({"embedding": spec.to_dict(), "model_path": str(embedder.model_path), "dim": dim,
                     "out_dim": dim, "esm_dtype": esm_dtype, "summary_dim": summary_dim,
-                    "summary": f"upper triangle of U^T [W,b]^T [W,b] U, U = top-{probe_dim} "
-                               f"principal directions of [X_ref, 1] ({len(texts)} reference texts)",
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, probe)
+                    "summary": f"upper triangle of U^T [W,b]^T [W,b] U; U: {probe_dim} directions, half "
+                               f"principal directions of [X_ref, 1] ({len(texts)} reference texts), half "
+                               f"directions of between-source variation of [W,b]^T [W,b]",
+                    "probe_pool_fitted": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                   probe, reference)
         store.close()
         index = cls(folder, device=device, model_path=model_path)
         index._embedder = embedder
@@ -252,14 +255,32 @@ class SourceIndex:
         return count
 
     # ---- the prefilter ---------------------------------------------------------------------
-    def rebuild(self) -> None:
-        """Regenerate the FAISS files from LMDB (the only state they hold is derived)."""
+    def rebuild(self, reprobe: bool = False) -> None:
+        """Regenerate the FAISS files from LMDB (the only state they hold is derived).
+
+        The first rebuild of a writable index with at least 8 sources (or ``reprobe``) also
+        fits the pool half of the probe and recomputes every summary (see prefilter.py)."""
         from .prefilter import save_prefilter
 
         with self._lock:
+            if not self.readonly and (reprobe or not self.manifest.get("probe_pool_fitted")) and len(self) >= 8:
+                self._fit_probe()
             gen = self.store.generation()
             ids, vecs = self.store.summaries()
             self._prefilter = save_prefilter(self.folder, ids, vecs, gen, write=not self.readonly)
+
+    def _fit_probe(self, sample: int = 256) -> None:
+        from .prefilter import join_probe, pool_directions, summarize
+
+        ids = self.store.ids()
+        ids = np.random.default_rng(0).permutation(ids)[:sample]
+        _, w, b = self.store.esms(ids)
+        k = self.probe.shape[1]
+        probe = join_probe(self.store.probe("reference"), pool_directions(w, b, k // 2), k)
+        self.store.reprobe(probe, lambda ww, bb: summarize(ww, bb, probe),
+                           {"probe_pool_fitted": True, "probe_pool_sample": len(ids)})
+        self.manifest = self.store.manifest
+        self.probe = probe
 
     def prefilter(self):
         """(faiss index, mean summary) current with LMDB; stale or damaged files are rebuilt
@@ -269,6 +290,8 @@ class SourceIndex:
         with self._lock:
             gen = self.store.generation()
             if self._prefilter is None or self._prefilter[0] != gen:
+                self.store._manifest = None  # another process may have refitted the probe
+                self.manifest, self.probe = self.store.manifest, self.store.probe()
                 loaded = load_prefilter(self.folder, gen)
                 if loaded is None:
                     self.rebuild()

@@ -2,7 +2,7 @@
 
 Named databases inside ``<index>/store.lmdb``:
 
-    info     manifest (JSON), probe (float32 bytes), next_id, generation
+    info     manifest (JSON), probe and reference directions (float32 bytes), next_id, generation
     names    source name (utf-8)       -> id (8-byte big-endian)
     meta     id -> JSON metadata
     esm      id -> W then b, raw little-endian float16/float32 bytes (never pickled)
@@ -103,15 +103,37 @@ class Store:
             self._key = None
 
     # ---- manifest and probe --------------------------------------------------------------
-    def init(self, manifest: dict, probe: np.ndarray) -> None:
+    def init(self, manifest: dict, probe: np.ndarray, reference: np.ndarray) -> None:
         with self.env.begin(write=True) as txn:
             if txn.get(b"manifest", db=self.db["info"]) is not None:
                 raise IndexStoreError(f"{self.path.parent}: already an index")
-            manifest = {**manifest, "schema_version": SCHEMA_VERSION, "probe_shape": list(probe.shape)}
+            manifest = {**manifest, "schema_version": SCHEMA_VERSION, "probe_shape": list(probe.shape),
+                        "reference_shape": list(reference.shape)}
             txn.put(b"manifest", json.dumps(manifest).encode(), db=self.db["info"])
             txn.put(b"probe", np.ascontiguousarray(probe, "<f4").tobytes(), db=self.db["info"])
+            txn.put(b"reference", np.ascontiguousarray(reference, "<f4").tobytes(), db=self.db["info"])
             txn.put(b"next_id", _key(1), db=self.db["info"])
             txn.put(b"generation", _key(0), db=self.db["info"])
+
+    def reprobe(self, probe: np.ndarray, summarize, manifest_update: dict, batch: int = 256) -> None:
+        """Replace the probe and recompute every summary with ``summarize(W, b)``, in one
+        transaction: readers see either the old probe and summaries or the new ones."""
+        dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
+        n_w = out_dim * dim
+        with self.env.begin(write=True) as txn:
+            keys = list(txn.cursor(db=self.db["esm"]).iternext(values=False))
+            for start in range(0, len(keys), batch):
+                chunk = keys[start:start + batch]
+                arrs = [np.frombuffer(txn.get(k, db=self.db["esm"]), self.esm_dtype) for k in chunk]
+                w = np.stack([a[:n_w].reshape(out_dim, dim) for a in arrs]).astype(np.float32)
+                b = np.stack([a[n_w:] for a in arrs]).astype(np.float32)
+                for k, vec in zip(chunk, summarize(w, b)):
+                    txn.put(k, np.ascontiguousarray(vec, "<f4").tobytes(), db=self.db["summary"])
+            manifest = {**self.manifest, **manifest_update, "probe_shape": list(probe.shape)}
+            txn.put(b"manifest", json.dumps(manifest).encode(), db=self.db["info"])
+            txn.put(b"probe", np.ascontiguousarray(probe, "<f4").tobytes(), db=self.db["info"])
+            self._bump(txn)
+        self._manifest = None
 
     @property
     def manifest(self) -> dict:
@@ -126,10 +148,11 @@ class Store:
                                       f"{self._manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
         return self._manifest
 
-    def probe(self) -> np.ndarray:
+    def probe(self, name: str = "probe") -> np.ndarray:
+        """The prefilter's probe U (or, with name="reference", the reference directions)."""
         with self.env.begin() as txn:
-            raw = txn.get(b"probe", db=self.db["info"])
-        return np.frombuffer(raw, "<f4").reshape(self.manifest["probe_shape"]).copy()
+            raw = txn.get(name.encode(), db=self.db["info"])
+        return np.frombuffer(raw, "<f4").reshape(self.manifest[f"{name}_shape"]).copy()
 
     def generation(self) -> int:
         with self.env.begin() as txn:

@@ -50,6 +50,22 @@ def test_add_rank_and_resume(index):
     assert "approx_score" in fast.results[0] and fast.pool_size == 40
 
 
+def test_first_rebuild_fits_the_probe_to_the_pool(index):
+    from esm_index.prefilter import summarize
+
+    _fill(index, 12)
+    before = index.probe.copy()
+    index.rebuild()
+    assert index.manifest["probe_pool_fitted"] and not np.allclose(before, index.probe)
+    np.testing.assert_allclose(index.probe.T @ index.probe, np.eye(index.probe.shape[1]), atol=1e-5)
+    ids, vecs = index.store.summaries()
+    _, w, b = index.store.esms(ids)
+    np.testing.assert_allclose(vecs, summarize(w, b, index.probe), rtol=1e-4, atol=1e-4)
+    reader = SourceIndex(index.folder, readonly=True)
+    np.testing.assert_array_equal(reader.probe, index.probe)
+    assert index.verify() == []
+
+
 def test_scores_equal_a_direct_computation(index):
     _fill(index, 5)
     texts, labels = _target()
