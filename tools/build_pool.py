@@ -59,13 +59,14 @@ def main() -> None:
     ap.add_argument("--fit-examples", type=int, default=3000, help="texts used to fit each ESM")
     ap.add_argument("--probe", type=int, default=200, help="probe texts per task for the fidelity study")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--model", type=Path, default=None, help="base model folder (default: the packaged MiniLM)")
     args = ap.parse_args()
 
     tasks_dir, pool_dir = args.cache / "tasks", args.cache / "pool"
     task_ids = [t["id"] for t in json.loads((tasks_dir / "index.json").read_text())]
     if args.only:
         task_ids = [t for t in task_ids if t in args.only]
-    embedder = Embedder()
+    embedder = Embedder(args.model)
     cfg = FinetuneConfig(max_examples=args.max_examples, fit_examples=args.fit_examples,
                          epochs=args.epochs, max_length=args.max_length)
 
