@@ -30,7 +30,8 @@ from .store import NewSource, Store
 
 REFERENCE_TEXTS = Path(__file__).with_name("reference_texts.txt")
 DEFAULT_SHORTLIST = 32  # sources scored exactly
-DEFAULT_CANDIDATES = 2048  # sources the FAISS stage hands to the approximate stage
+DEFAULT_CANDIDATES = 1024  # sources the FAISS stage hands to the approximate stage
+DEFAULT_REFINE = 128  # sources the approximate stage hands to the refining stage
 CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
 
 
@@ -318,7 +319,8 @@ class SourceIndex:
     # ---- ranking ---------------------------------------------------------------------------
     def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
              shortlist: int | None = DEFAULT_SHORTLIST, candidates: int = DEFAULT_CANDIDATES,
-             exact: bool = False, filters: Filters | None = None, progress: bool = False) -> Ranking:
+             exact: bool = False, filters: Filters | None = None, progress: bool = False,
+             refine: int = DEFAULT_REFINE) -> Ranking:
         """Rank the pool's sources for a target given as texts and labels (class ids, or
         floats for regression)."""
         if len(texts) == 0:
@@ -330,17 +332,18 @@ class SourceIndex:
         label_matrix(np.asarray(labels), task == "regression")  # fail before embedding
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
-        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters)
+        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
         ranking.timings = {"embed": round(time.perf_counter() - t0 - sum(ranking.timings.values()), 4),
                            **ranking.timings}
         return ranking
 
     def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", top: int = 10,
                         shortlist: int | None = DEFAULT_SHORTLIST, candidates: int = DEFAULT_CANDIDATES,
-                        exact: bool = False, filters: Filters | None = None) -> Ranking:
+                        exact: bool = False, filters: Filters | None = None,
+                        refine: int = DEFAULT_REFINE) -> Ranking:
         """Rank from precomputed base-model embeddings (n, d) of the target."""
         from .logme import TargetStats, score_esms
-        from .prefilter import linear_query, project_target, search, subspace_scores
+        from .prefilter import linear_query, project_target, search, subspace_scores, target_probe_scores
 
         if task not in ("classification", "regression"):
             raise InvalidTargetError(f"task must be classification or regression, not {task!r}")
@@ -369,7 +372,7 @@ class SourceIndex:
         approx: dict[int, float] = {}
         linear: dict[int, float] = {}
         if exact or shortlist is None or shortlist >= pool_size:
-            chosen = self.store.ids() if allowed is None else allowed
+            found, w, b = self.store.esms(self.store.ids() if allowed is None else allowed)
         else:
             sub_target = project_target(x, labels, regression, self.probe)
             index, mean_summary = self.prefilter()
@@ -388,11 +391,18 @@ class SourceIndex:
             import torch
 
             sub = subspace_scores(sub_target, torch.from_numpy(vecs), out_dim)
-            order = np.argsort(-sub)[:shortlist]
-            approx = dict(zip(ids.tolist(), sub.tolist()))
-            chosen = ids[order]
+            chosen = ids[np.argsort(-sub)[:max(shortlist, refine)]]
             lap("approximate")
-        found, w, b = self.store.esms(chosen)
+            if len(chosen) > shortlist:  # refine with the target's own subspace, full maps
+                found, w, b = self.store.esms(chosen)
+                fine = target_probe_scores(x, labels, regression, w, b)
+                keep = np.argsort(-fine)[:shortlist]
+                approx = dict(zip(found[keep].tolist(), fine[keep].tolist()))
+                found, w, b = found[keep], w[keep], b[keep]
+                lap("refine")
+            else:
+                approx = dict(zip(ids.tolist(), sub.tolist()))
+                found, w, b = self.store.esms(chosen)
         lap("load")
         import torch
 

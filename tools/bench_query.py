@@ -65,7 +65,7 @@ def targets(limit: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
-def run_size(n: int, root: Path, seed_index: Path, n_targets: int, queries: int) -> dict:
+def run_size(n: int, root: Path, seed_index: Path, n_targets: int, queries: int, grid: list[str]) -> dict:
     import torch
 
     from esm_index.index import SourceIndex
@@ -103,6 +103,9 @@ def run_size(n: int, root: Path, seed_index: Path, n_targets: int, queries: int)
     result["p50_s"] = round(float(np.percentile(latencies, 50)), 3)
     result["p95_s"] = round(float(np.percentile(latencies, 95)), 3)
 
+    result["peak_rss_gb_queries"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    if not grid:
+        return result
     # Exact scores of the whole pool for every target, in one pass over the store.
     stats = [TargetStats.from_embeddings(x, y) for _, x, y in tasks]
     ids = index.store.ids()
@@ -113,17 +116,16 @@ def run_size(n: int, root: Path, seed_index: Path, n_targets: int, queries: int)
         for j, st in enumerate(stats):
             exact[j, start:start + len(found)] = score_esms(st, torch.from_numpy(wc), torch.from_numpy(bc), batch_size=256)
     result["exact_scan_s_per_target"] = round((time.perf_counter() - t0) / len(tasks), 1)
-    grid = {}
-    for shortlist in (8, 16, 32, 64):
-        for candidates in (512, 2048, 8192):
-            hits = []
-            for j, (name, x, y) in enumerate(tasks):
-                truth = set(ids[np.argsort(-exact[j])[:5]].tolist())
-                got = index.rank_embeddings(x, y, top=5, shortlist=shortlist, candidates=candidates).results
-                got_ids = {index.store.id_of(r["source"]) for r in got}
-                hits.append(len(truth & got_ids) / 5)
-            grid[f"{shortlist}/{candidates}"] = round(float(np.mean(hits)), 3)
-    result["recall_at5_by_shortlist/candidates"] = grid
+    recall = {}
+    for setting in grid:
+        shortlist, candidates = map(int, setting.split("/"))
+        hits = []
+        for j, (name, x, y) in enumerate(tasks):
+            truth = set(ids[np.argsort(-exact[j])[:5]].tolist())
+            got = index.rank_embeddings(x, y, top=5, shortlist=shortlist, candidates=candidates).results
+            hits.append(len(truth & {index.store.id_of(r["source"]) for r in got}) / 5)
+        recall[setting] = round(float(np.mean(hits)), 3)
+    result["recall_at5_by_shortlist/candidates"] = recall
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     return result
 
@@ -135,16 +137,21 @@ def main() -> None:
     ap.add_argument("--seed-index", type=Path, default=REPO / "indexes" / "default")
     ap.add_argument("--targets", type=int, default=8)
     ap.add_argument("--queries", type=int, default=3, help="timed queries per target")
+    ap.add_argument("--grid", nargs="*", default=["32/1024", "32/2048"],
+                    help="shortlist/candidates settings whose recall is measured (none: skip the exact scan)")
     ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_size(args.one, args.root, args.seed_index, args.targets, args.queries)), flush=True)
+        print(json.dumps(run_size(args.one, args.root, args.seed_index, args.targets, args.queries, args.grid)), flush=True)
         return
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--root", str(args.root),
                               "--seed-index", str(args.seed_index), "--targets", str(args.targets),
-                              "--queries", str(args.queries)], capture_output=True, text=True)
-        print(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else out.stderr[-2000:], flush=True)
+                              "--queries", str(args.queries), "--grid", *args.grid], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-2000:], flush=True)
+            continue
+        print(out.stdout.strip().splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":
