@@ -30,6 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HFSELECT_JOB = r"""
@@ -76,14 +77,9 @@ def setup(root: Path, sources: int, rows: int) -> tuple[Path, Path, Path, Path]:
             index.add_esms(items)
             index.rebuild()
     if not target.exists():
-        from esm_index.data import read_table
+        from bench_scoring import sample_texts
 
-        texts, labels = [], []
-        for offset, name in enumerate(("movie_reviews", "sms_spam")):
-            table = read_table(REPO / "indexes" / "samples" / f"{name}.csv")
-            names = sorted({r["label"] for r in table})
-            texts += [r["text"] for r in table]
-            labels += [2 * offset + names.index(r["label"]) for r in table]
+        texts, labels = sample_texts()
         idx = np.random.default_rng(1).permutation(np.resize(np.arange(len(texts)), rows))
         with open(target, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)

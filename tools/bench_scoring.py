@@ -37,9 +37,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from esm_index.logme import TargetStats, score_esms  # noqa: E402
 
 
+def sample_texts() -> tuple[list[str], list[int]]:
+    """The movie-review and SMS sample targets as one 4-class task (600 real texts)."""
+    from esm_index.data import read_table
+
+    texts, labels = [], []
+    for offset, name in enumerate(("movie_reviews", "sms_spam")):
+        rows = read_table(REPO / "indexes" / "samples" / f"{name}.csv")
+        names = sorted({r["label"] for r in rows})
+        texts += [r["text"] for r in rows]
+        labels += [2 * offset + names.index(r["label"]) for r in rows]
+    return texts, labels
+
+
 def real_target(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n rows resampled (with 1% noise) from MiniLM embeddings of the sample targets."""
-    from esm_index.data import read_table
     from esm_index.embed import Embedder
 
     cache = Path.home() / ".cache" / "esm-index" / "bench_target.npz"
@@ -47,12 +59,7 @@ def real_target(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         data = np.load(cache)
         x, y = data["x"], data["y"]
     else:
-        texts, labels = [], []
-        for offset, name in enumerate(("movie_reviews", "sms_spam")):
-            rows = read_table(REPO / "indexes" / "samples" / f"{name}.csv")
-            names = sorted({r["label"] for r in rows})
-            texts += [r["text"] for r in rows]
-            labels += [2 * offset + names.index(r["label"]) for r in rows]
+        texts, labels = sample_texts()
         x, y = Embedder().embed(texts), np.asarray(labels)
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, x=x, y=y)
