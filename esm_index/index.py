@@ -7,6 +7,8 @@ A query reads straight down one path:
 
 An index is a folder: ``store.lmdb`` (source of truth, see store.py) plus derived
 ``prefilter.faiss`` / ``prefilter.json`` that ``rebuild()`` can always regenerate.
+This module is the API hub and only orchestrates: the numerics live in logme.py and
+prefilter.py, the bytes in store.py.
 """
 
 from __future__ import annotations
@@ -343,7 +345,6 @@ class SourceIndex:
                         refine: int = DEFAULT_REFINE) -> Ranking:
         """Rank from precomputed base-model embeddings (n, d) of the target."""
         from .logme import TargetStats, score_esms
-        from .prefilter import linear_query, project_target, search, subspace_scores, target_probe_scores
 
         if task not in ("classification", "regression"):
             raise InvalidTargetError(f"task must be classification or regression, not {task!r}")
@@ -363,46 +364,17 @@ class SourceIndex:
 
         device = self._device or ("cuda" if _cuda() else "cpu")
         target = TargetStats.from_embeddings(x, labels, regression, device=device)
-        out_dim = self.manifest["out_dim"]
-        total = self.store.count()
         allowed = None
         if filters:
             allowed = np.asarray([i for i, m in self.store.iter_meta() if filters.accepts(m)], np.int64)
-        pool_size = total if allowed is None else len(allowed)
+        pool_size = self.store.count() if allowed is None else len(allowed)
         approx: dict[int, float] = {}
         linear: dict[int, float] = {}
         if exact or shortlist is None or shortlist >= pool_size:
             found, w, b = self.store.esms(self.store.ids() if allowed is None else allowed)
         else:
-            sub_target = project_target(x, labels, regression, self.probe)
-            index, mean_summary = self.prefilter()
-            lap("prepare")
-            if pool_size > candidates:
-                query = linear_query(sub_target, mean_summary, out_dim)
-                ids, scores = search(index, query, candidates if allowed is None else total)
-                if allowed is not None:
-                    keep = np.isin(ids, allowed)
-                    ids, scores = ids[keep][:candidates], scores[keep][:candidates]
-                linear = dict(zip(ids.tolist(), scores.tolist()))
-            else:
-                ids = self.store.ids() if allowed is None else allowed
-            lap("faiss")
-            ids, vecs = self.store.summaries(ids)
-            import torch
-
-            sub = subspace_scores(sub_target, torch.from_numpy(vecs), out_dim)
-            chosen = ids[np.argsort(-sub)[:max(shortlist, refine)]]
-            lap("approximate")
-            if len(chosen) > shortlist:  # refine with the target's own subspace, full maps
-                found, w, b = self.store.esms(chosen)
-                fine = target_probe_scores(x, labels, regression, w, b)
-                keep = np.argsort(-fine)[:shortlist]
-                approx = dict(zip(found[keep].tolist(), fine[keep].tolist()))
-                found, w, b = found[keep], w[keep], b[keep]
-                lap("refine")
-            else:
-                approx = dict(zip(ids.tolist(), sub.tolist()))
-                found, w, b = self.store.esms(chosen)
+            found, w, b = self._shortlist(x, labels, regression, allowed, pool_size, shortlist, candidates,
+                                          refine, approx, linear, lap)
         lap("load")
         import torch
 
@@ -421,6 +393,45 @@ class SourceIndex:
             result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding")}
             results.append(result)
         return Ranking(results, pool_size=pool_size, timings=timings)
+
+
+    def _shortlist(self, x, labels, regression, allowed, pool_size, shortlist, candidates, refine,
+                   approx: dict, linear: dict, lap):
+        """The prefilter stages: FAISS on the linearised summary score (pools > candidates),
+        the approximate subspace score from summaries, then the refining score from the full
+        maps of the best ``refine``. Returns the ``shortlist`` best (ids, W, b); records the
+        stage scores in ``approx`` / ``linear``."""
+        import torch
+
+        from .prefilter import linear_query, project_target, search, subspace_scores, target_probe_scores
+
+        out_dim = self.manifest["out_dim"]
+        sub_target = project_target(x, labels, regression, self.probe)
+        index, mean_summary = self.prefilter()
+        lap("prepare")
+        if pool_size > candidates:
+            query = linear_query(sub_target, mean_summary, out_dim)
+            ids, scores = search(index, query, candidates if allowed is None else self.store.count())
+            if allowed is not None:
+                keep = np.isin(ids, allowed)
+                ids, scores = ids[keep][:candidates], scores[keep][:candidates]
+            linear.update(zip(ids.tolist(), scores.tolist()))
+        else:
+            ids = self.store.ids() if allowed is None else allowed
+        lap("faiss")
+        ids, vecs = self.store.summaries(ids)
+        sub = subspace_scores(sub_target, torch.from_numpy(vecs), out_dim)
+        chosen = ids[np.argsort(-sub)[:max(shortlist, refine)]]
+        lap("approximate")
+        found, w, b = self.store.esms(chosen)
+        if len(chosen) <= shortlist:
+            approx.update(zip(ids.tolist(), sub.tolist()))
+            return found, w, b
+        fine = target_probe_scores(x, labels, regression, w, b)
+        keep = np.argsort(-fine)[:shortlist]
+        approx.update(zip(found[keep].tolist(), fine[keep].tolist()))
+        lap("refine")
+        return found[keep], w[keep], b[keep]
 
 
 def _source_meta(esm: ESM) -> dict:
