@@ -24,8 +24,12 @@ Why it is fast: with an ESM (W, b), F = X~ W~^T where X~ = [X, 1] (target embedd
 ones column) and W~ = [W, b]. Take the thin QR X~ = Q R once per target (r = min(n, d+1)
 columns). Then F = Q (R W~^T) = Q K, so F has the singular values of K (r x D) and
 U^T y = P^T (Q^T y) with P the left singular vectors of K. Per source we only need the
-eigendecomposition of a (min(r, D))^2 Gram matrix of K; n never appears again, and no mapped
-embedding set is ever materialised. The QR also picks the cheaper side of n vs d for us.
+spectrum of a (min(r, D))^2 Gram matrix of K; n never appears again, and no mapped embedding
+set is ever materialised. The QR also picks the cheaper side of n vs d for us.
+
+Two ways to get that spectrum: ``EigTerms`` (batched eigh; the GPU path) and
+``TridiagonalTerms`` (a tridiagonalisation, its eigenvalues and shifted tridiagonal solves,
+no eigenvectors; the CPU path, 3x cheaper). ``fixed_point`` runs the iteration on either.
 """
 
 from __future__ import annotations
