@@ -139,16 +139,15 @@ def _source_name(meta: dict, path: Path, name_from: str) -> str:
 def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, epochs, max_length):
     """Fine-tune the base model on a labelled file, fit its ESM, add it as a source."""
     from .data import load_labelled
-    from .finetune import FinetuneConfig, build_esm
+    from .finetune import FinetuneConfig
 
     data = load_labelled(data_file, text_cols, label_cols, task)
     name = name or Path(data_file).stem
     cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_length=max_length)
     with _open(folder) as index:
-        esm = build_esm(index.embedder, data, cfg, progress=sys.stderr.isatty())
-        esm.meta.update({"task_id": name, "num_examples": len(data), "language": language, "tags": list(tags),
-                         "label_names": data.label_names, "provenance": str(Path(data_file).resolve())})
-        index.add_esm(name, esm)
+        esm = index.add_dataset(data, name, cfg, progress=sys.stderr.isatty(),
+                                meta={"language": language, "tags": list(tags),
+                                      "provenance": str(Path(data_file).resolve())})
         index.rebuild()
     fit = esm.meta["fit"]
     click.echo(f"added {name}: held-out fit mse {fit['heldout_mse']:.3g} (identity map {fit['identity_mse']:.3g})")

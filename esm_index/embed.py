@@ -89,6 +89,10 @@ class Embedder:
         other.model = model.eval()
         return other
 
+    def join(self, texts: Texts) -> list[str]:
+        """One string per example, columns joined with this tokenizer's separator token."""
+        return join_columns(texts, sep=f" {self.tokenizer.sep_token or '[SEP]'} ")
+
     def tokenize(self, texts: list[str]):
         return self.tokenizer(texts, padding=True, truncation=True, max_length=self.spec.max_length,
                               return_tensors="pt", return_token_type_ids=False)
@@ -115,7 +119,7 @@ class Embedder:
         """
         from tqdm.auto import tqdm
 
-        joined = join_columns(texts, sep=f" {self.tokenizer.sep_token or '[SEP]'} ")
+        joined = self.join(texts)
         order = np.argsort([-len(t) for t in joined], kind="stable")
         out = np.zeros((len(joined), self.dim), dtype=np.float32)
         starts = range(0, len(joined), self.batch_size)

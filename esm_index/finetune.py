@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .data import LabelledData
-from .embed import Embedder, join_columns
+from .embed import Embedder
 from .esm import ESM, fit_ridge
 
 
@@ -50,7 +50,7 @@ def finetune(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None 
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     idx = rng.permutation(len(data))[: cfg.max_examples]
-    texts = join_columns([data.texts[i] for i in idx], sep=f" {embedder.tokenizer.sep_token or '[SEP]'} ")
+    texts = embedder.join([data.texts[i] for i in idx])
     labels = torch.as_tensor(data.labels[idx])
     if data.regression:
         labels = labels.float().reshape(len(idx), -1)

@@ -217,12 +217,14 @@ class SourceIndex:
     def add_esm(self, name: str, esm: ESM) -> bool:
         return self.add_esms([(name, esm)])[0] == 1
 
-    def add_dataset(self, data: LabelledData, name: str, config=None, progress: bool = False) -> ESM:
-        """Fine-tune the base model on ``data``, fit its ESM and add it (slow: minutes)."""
+    def add_dataset(self, data: LabelledData, name: str, config=None, progress: bool = False,
+                    meta: dict | None = None) -> ESM:
+        """Fine-tune the base model on ``data``, fit its ESM and add it (slow: minutes).
+        ``meta`` (language, tags, provenance...) is stored with the source."""
         from .finetune import build_esm
 
         esm = build_esm(self.embedder, data, config, progress=progress)
-        esm.meta.setdefault("task_id", name)
+        esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
         self.add_esm(name, esm)
         return esm
 
@@ -313,9 +315,9 @@ class SourceIndex:
         if loaded is None:
             problems.append("prefilter files missing, unreadable or stale (run 'esm-index rebuild')")
         else:
-            faiss_ids = np.sort(_faiss_ids(loaded[1]))
-            if not np.array_equal(faiss_ids, np.sort(self.store.ids())):
-                problems.append(f"FAISS holds {len(faiss_ids)} sources, LMDB {len(self.store.ids())}")
+            faiss_ids, store_ids = np.sort(_faiss_ids(loaded[1])), np.sort(self.store.ids())
+            if not np.array_equal(faiss_ids, store_ids):
+                problems.append(f"FAISS holds {len(faiss_ids)} sources, LMDB {len(store_ids)}")
         return problems
 
     # ---- ranking ---------------------------------------------------------------------------

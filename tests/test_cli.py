@@ -125,3 +125,16 @@ def test_bad_inputs_give_one_line_and_exit_2(runner, index_dir, esm_dirs, tmp_pa
     random_esms(np.random.default_rng(1), 1, 48)[0].save(wrong_dim)
     result = runner.invoke(main, ["import", str(index_dir), str(wrong_dim), *esm_dirs[1:3]])
     assert result.exit_code == 2 and "imported 2" in result.output and "48-dimensional" in result.output
+
+
+def test_add_fine_tunes_and_adds_a_source(runner, index_dir):
+    """`add` on real data (a slice of the SMS sample) with the tiny model: a new source with
+    its metadata, and a fit that beats the identity map."""
+    result = runner.invoke(main, ["add", str(index_dir), str(SAMPLES / "sms_spam.csv"), "--text-col", "text",
+                                  "--label-col", "label", "--name", "sms", "--language", "en", "--tag", "spam",
+                                  "--max-examples", "64", "--fit-examples", "200", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "added sms" in result.output
+    (source,) = _json(runner.invoke(main, ["list", str(index_dir), "--json"]))
+    assert source["name"] == "sms" and source["language"] == "en" and source["tags"] == ["spam"]
+    assert source["label_names"] == ["ham", "spam"] and source["num_examples"] == 300

@@ -44,10 +44,10 @@ def load_task(tasks_dir: Path, task_id: str) -> tuple[LabelledData, dict]:
     return LabelledData([r["text"] for r in rows], labels, "classification", names), meta
 
 
-def probe_texts(data: LabelledData, size: int, seed: int = 123) -> list[str]:
-    """A fixed random sample of a task's texts, used as that task's fidelity target."""
-    idx = np.random.default_rng(seed).permutation(len(data))[:size]
-    return [data.texts[i] for i in sorted(idx)]
+def probe_sample(data: LabelledData, size: int, seed: int = 123) -> tuple[list[str], np.ndarray]:
+    """A fixed random sample of a task (texts, labels), used as that task's fidelity target."""
+    idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:size])
+    return [data.texts[i] for i in idx], data.labels[idx]
 
 
 def main() -> None:
@@ -76,12 +76,9 @@ def main() -> None:
     all_ids = [t["id"] for t in json.loads((tasks_dir / "index.json").read_text())]
     probe = {}
     for tid in all_ids:
-        data, _ = load_task(tasks_dir, tid)
-        idx = np.random.default_rng(123).permutation(len(data))[: args.probe]
-        idx.sort()
-        probe[tid] = ([data.texts[i] for i in idx], data.labels[idx])
+        probe[tid] = probe_sample(load_task(tasks_dir, tid)[0], args.probe)
         if not (probes_path / f"{tid}.npz").exists():
-            np.savez(probes_path / f"{tid}.npz", base=embedder.embed(probe[tid][0]), labels=data.labels[idx])
+            np.savez(probes_path / f"{tid}.npz", base=embedder.embed(probe[tid][0]), labels=probe[tid][1])
     probe_order = list(probe)
     (probes_path / "order.json").write_text(json.dumps(probe_order))
 
