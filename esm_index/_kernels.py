@@ -120,3 +120,40 @@ def _reduce_feature_side(r, w_aug, z, lwork, dtrmm, dsyrk, dsytrd, dormqr, dster
         dsterf(ints[1:].ctypes, ev.ctypes, e2.ctypes, ints[5:].ctypes)
         sigma[b] = ev
     return diag, off, sigma
+
+
+@numba.njit(cache=True, parallel=True)
+def dense_fixed_point(sigma, kept, x2, res_x2, n, max_steps, rtol, eps):  # pragma: no cover - compiled
+    """hfselect's fixed point per (source b, column c) from a full spectrum: sigma and kept
+    (B, k), x2 (B, k, C) squared projections of y, res_x2 (B, C) = |y|^2 - sum x2. Each pair
+    stops on its own (the torch loop in logme.fixed_point carries every pair to the slowest).
+    Returns alpha, beta, m2, res2 (B, C) as the torch loop leaves them."""
+    batch, k, cols = x2.shape
+    alpha = np.ones((batch, cols))
+    beta = np.ones((batch, cols))
+    m2 = np.zeros((batch, cols))
+    res2 = np.zeros((batch, cols))
+    for b in prange(batch):
+        for c in range(cols):
+            a, be = 1.0, 1.0
+            for _ in range(max_steps):
+                t = a / be
+                gamma = 0.0
+                m = 0.0
+                r = res_x2[b, c]
+                for i in range(k):
+                    s = sigma[b, i]
+                    x = x2[b, i, c]
+                    if kept[b, i]:
+                        gamma += s / (s + t)
+                    m += s * x / ((t + s) * (t + s))
+                    r += x / ((1.0 + s / t) * (1.0 + s / t))
+                a = gamma / (m + eps)
+                be = (n - gamma) / (r + eps)
+                m2[b, c] = m
+                res2[b, c] = r
+                if abs(a / be - t) / t <= rtol:
+                    break
+            alpha[b, c] = a
+            beta[b, c] = be
+    return alpha, beta, m2, res2

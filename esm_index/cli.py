@@ -68,7 +68,8 @@ def main() -> None:
 @click.option("--normalize/--no-normalize", default=False, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
 @click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--probe-dim", type=int, default=32, show_default=True, help="Prefilter summary size k (k(k+1)/2 floats).")
+@click.option("--probe-dim", type=int, default=128, show_default=True,
+              help="Prefilter summary size k (k(k+1)/2 floats; capped at d+1).")
 @friendly
 def init(folder, model_path, model_name, pooling, normalize, max_length, esm_dtype, probe_dim):
     """Create an empty index for one base model and pooling."""

@@ -2,13 +2,13 @@
 
 A query reads straight down one path:
 
-    texts --embed--> X --TargetStats--> FAISS shortlist (linearised subspace LogME)
-          --> approximate rerank (subspace LogME from summaries) --> exact ESM-LogME --> ranking
+    texts --embed--> X --prefilter.shortlist--> FAISS candidates --> approximate stage
+          --> refining stage --> exact ESM-LogME (logme.py) --> ranking
 
 An index is a folder: ``store.lmdb`` (source of truth, see store.py) plus derived
 ``prefilter.faiss`` / ``prefilter.json`` that ``rebuild()`` can always regenerate.
 This module is the API hub and only orchestrates: the numerics live in logme.py and
-prefilter.py, the bytes in store.py.
+summary.py, the staged search in prefilter.py, the bytes in store.py.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ from .data import LabelledData
 from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, default_model_path
 from .errors import EsmIndexError, IndexStoreError, InvalidTargetError, ModelMismatchError
 from .esm import ESM
+from .prefilter import DEFAULT_CANDIDATES, DEFAULT_REFINE, DEFAULT_SHORTLIST
 from .store import NewSource, Store
+from .summary import DEFAULT_PROBE_DIM
 
 REFERENCE_TEXTS = Path(__file__).with_name("reference_texts.txt")
-DEFAULT_SHORTLIST = 32  # sources scored exactly
-DEFAULT_CANDIDATES = 1024  # sources the FAISS stage hands to the approximate stage
-DEFAULT_REFINE = 128  # sources the approximate stage hands to the refining stage
 CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
 
 
@@ -82,18 +81,18 @@ class SourceIndex:
         self._model_path = model_path
         self._lock = threading.RLock()
         self._embedder = None
-        self._prefilter: tuple | None = None  # (generation, faiss index, mean summary)
+        self._prefilter = None  # prefilter.Prefilter of the store's current generation
         self.probe = self.store.probe()
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: str | os.PathLike, model_path: str | os.PathLike | None = None,
-               spec: EmbeddingSpec | None = None, esm_dtype: str = "float16", probe_dim: int = 32,
+               spec: EmbeddingSpec | None = None, esm_dtype: str = "float16", probe_dim: int = DEFAULT_PROBE_DIM,
                reference_texts: Sequence[str] | None = None, device: str | None = None) -> "SourceIndex":
         """Make a new, empty index for one base model and pooling. The prefilter's probe is
         computed here from reference texts embedded with that model."""
         from .embed import Embedder
-        from .prefilter import join_probe, make_probe, summarize
+        from .summary import join_probe, make_probe, summarize
 
         if esm_dtype not in ("float16", "float32"):
             raise ValueError("esm_dtype must be float16 or float32")
@@ -103,9 +102,10 @@ class SourceIndex:
         spec = spec or EmbeddingSpec()
         embedder = Embedder(model_path, spec, device=device)
         texts = list(reference_texts) if reference_texts else REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
+        dim = embedder.dim
+        probe_dim = min(probe_dim, dim + 1, len(texts))
         reference = make_probe(embedder.embed(texts), probe_dim)
         probe = join_probe(reference, None, probe_dim)
-        dim = embedder.dim
         summary_dim = summarize(np.eye(dim)[None], np.zeros((1, dim)), probe).shape[1]
         folder.mkdir(parents=True, exist_ok=True)
         store = Store(folder, create=True)
@@ -186,7 +186,7 @@ class SourceIndex:
                  on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
         """Add (name, ESM) pairs, committing every ``batch_size``. Names already present are
         skipped, so a re-run after a crash resumes. Returns (added, skipped)."""
-        from .prefilter import summarize
+        from .summary import summarize
 
         self._writable()
         added = skipped = 0
@@ -264,18 +264,18 @@ class SourceIndex:
         """Regenerate the FAISS files from LMDB (the only state they hold is derived).
 
         The first rebuild of a writable index with at least 8 sources (or ``reprobe``) also
-        fits the pool half of the probe and recomputes every summary (see prefilter.py)."""
-        from .prefilter import save_prefilter
+        fits the pool half of the probe and recomputes every summary (see summary.py)."""
+        from .prefilter import build_prefilter, save_prefilter
 
         with self._lock:
             if not self.readonly and (reprobe or not self.manifest.get("probe_pool_fitted")) and len(self) >= 8:
                 self._fit_probe()
-            gen = self.store.generation()
-            ids, vecs = self.store.summaries()
-            self._prefilter = save_prefilter(self.folder, ids, vecs, gen, write=not self.readonly)
+            self._prefilter = build_prefilter(self.store, self.store.generation())
+            if not self.readonly:
+                save_prefilter(self.folder, self._prefilter)
 
     def _fit_probe(self, sample: int = 256) -> None:
-        from .prefilter import join_probe, pool_directions, summarize
+        from .summary import join_probe, pool_directions, summarize
 
         ids = self.store.ids()
         ids = np.random.default_rng(0).permutation(ids)[:sample]
@@ -288,21 +288,19 @@ class SourceIndex:
         self.probe = probe
 
     def prefilter(self):
-        """(faiss index, mean summary) current with LMDB; stale or damaged files are rebuilt
-        (in memory only when the index is read-only)."""
+        """The ``Prefilter`` current with LMDB; stale or damaged files are rebuilt (in memory
+        only when the index is read-only)."""
         from .prefilter import load_prefilter
 
         with self._lock:
             gen = self.store.generation()
-            if self._prefilter is None or self._prefilter[0] != gen:
+            if self._prefilter is None or self._prefilter.generation != gen:
                 self.store._manifest = None  # another process may have refitted the probe
                 self.manifest, self.probe = self.store.manifest, self.store.probe()
-                loaded = load_prefilter(self.folder, gen)
-                if loaded is None:
+                self._prefilter = load_prefilter(self.folder, gen)
+                if self._prefilter is None:
                     self.rebuild()
-                else:
-                    self._prefilter = loaded
-            return self._prefilter[1], self._prefilter[2]
+            return self._prefilter
 
     def verify(self) -> list[str]:
         """Problems found (empty when clean): LMDB tables agree, weights finite, FAISS
@@ -315,10 +313,13 @@ class SourceIndex:
         if loaded is None:
             problems.append("prefilter files missing, unreadable or stale (run 'esm-index rebuild')")
         else:
-            faiss_ids, store_ids = np.sort(_faiss_ids(loaded[1])), np.sort(self.store.ids())
+            faiss_ids, store_ids = np.sort(loaded.ids()), np.sort(self.store.ids())
             if not np.array_equal(faiss_ids, store_ids):
                 problems.append(f"FAISS holds {len(faiss_ids)} sources, LMDB {len(store_ids)}")
         return problems
+
+    def _device_name(self) -> str:
+        return self._device or ("cuda" if _cuda() else "cpu")
 
     # ---- ranking ---------------------------------------------------------------------------
     def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
@@ -364,19 +365,22 @@ class SourceIndex:
             timings[name] = round(now - clock, 4)
             clock = now
 
-        device = self._device or ("cuda" if _cuda() else "cpu")
+        device = self._device_name()
         target = TargetStats.from_embeddings(x, labels, regression, device=device)
         allowed = None
         if filters:
             allowed = np.asarray([i for i, m in self.store.iter_meta() if filters.accepts(m)], np.int64)
         pool_size = self.store.count() if allowed is None else len(allowed)
-        approx: dict[int, float] = {}
-        linear: dict[int, float] = {}
+        stage: dict[int, dict] = {}
         if exact or shortlist is None or shortlist >= pool_size:
             found, w, b = self.store.esms(self.store.ids() if allowed is None else allowed)
         else:
-            found, w, b = self._shortlist(x, labels, regression, allowed, pool_size, shortlist, candidates,
-                                          refine, approx, linear, lap)
+            from .prefilter import shortlist as prefilter_shortlist
+
+            prefilter = self.prefilter()
+            lap("prepare")
+            found, w, b, stage = prefilter_shortlist(self.store, self.probe, prefilter, target, allowed,
+                                                     shortlist, candidates, refine, lap)
         lap("load")
         import torch
 
@@ -387,53 +391,10 @@ class SourceIndex:
         results = []
         for rank, (j, meta) in enumerate(zip(order, metas), 1):
             sid = int(found[j])
-            result = {"rank": rank, "source": meta["name"], "score": float(scores[j])}
-            if sid in approx:
-                result["approx_score"] = approx[sid]
-            if sid in linear:
-                result["prefilter_score"] = linear[sid]
+            result = {"rank": rank, "source": meta["name"], "score": float(scores[j]), **stage.get(sid, {})}
             result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding")}
             results.append(result)
         return Ranking(results, pool_size=pool_size, timings=timings)
-
-
-    def _shortlist(self, x, labels, regression, allowed, pool_size, shortlist, candidates, refine,
-                   approx: dict, linear: dict, lap):
-        """The prefilter stages: FAISS on the linearised summary score (pools > candidates),
-        the approximate subspace score from summaries, then the refining score from the full
-        maps of the best ``refine``. Returns the ``shortlist`` best (ids, W, b); records the
-        stage scores in ``approx`` / ``linear``."""
-        import torch
-
-        from .prefilter import linear_query, project_target, search, subspace_scores, target_probe_scores
-
-        out_dim = self.manifest["out_dim"]
-        sub_target = project_target(x, labels, regression, self.probe)
-        index, mean_summary = self.prefilter()
-        lap("prepare")
-        if pool_size > candidates:
-            query = linear_query(sub_target, mean_summary, out_dim)
-            ids, scores = search(index, query, candidates if allowed is None else self.store.count())
-            if allowed is not None:
-                keep = np.isin(ids, allowed)
-                ids, scores = ids[keep][:candidates], scores[keep][:candidates]
-            linear.update(zip(ids.tolist(), scores.tolist()))
-        else:
-            ids = self.store.ids() if allowed is None else allowed
-        lap("faiss")
-        ids, vecs = self.store.summaries(ids)
-        sub = subspace_scores(sub_target, torch.from_numpy(vecs), out_dim)
-        chosen = ids[np.argsort(-sub)[:max(shortlist, refine)]]
-        lap("approximate")
-        found, w, b = self.store.esms(chosen)
-        if len(chosen) <= shortlist:
-            approx.update(zip(ids.tolist(), sub.tolist()))
-            return found, w, b
-        fine = target_probe_scores(x, labels, regression, w, b)
-        keep = np.argsort(-fine)[:shortlist]
-        approx.update(zip(found[keep].tolist(), fine[keep].tolist()))
-        lap("refine")
-        return found[keep], w[keep], b[keep]
 
 
 def _source_meta(esm: ESM) -> dict:
@@ -444,12 +405,6 @@ def _source_meta(esm: ESM) -> dict:
         meta.setdefault("title", meta.pop("name"))
     meta.setdefault("task_type", "classification")
     return meta
-
-
-def _faiss_ids(index) -> np.ndarray:
-    import faiss
-
-    return faiss.vector_to_array(index.id_map).astype(np.int64)
 
 
 def _cuda() -> bool:

@@ -136,11 +136,20 @@ class EigTerms:
     With x = U^T y: m2 = sum sigma x^2/(t+sigma)^2, res2 = sum x^2 t^2/(t+sigma)^2 + |y|^2 - |x|^2.
     """
 
-    def __init__(self, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool, yy: torch.Tensor) -> None:
-        sigma, vecs = torch.linalg.eigh(gram)
+    def __init__(self, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool, yy: torch.Tensor,
+                 drop_null: int = 0) -> None:
+        if gram.device.type == "cpu" and not gram.requires_grad:  # numpy's batched eigh: 3x torch's on small CPU matrices
+            sigma, vecs = (torch.from_numpy(a) for a in np.linalg.eigh(gram.numpy()))
+        else:
+            sigma, vecs = torch.linalg.eigh(gram)
         sigma = sigma.abs()  # hfselect takes an SVD of the Gram: rounding noise counts as |lambda|
         proj = vecs.transpose(1, 2) @ rhs
-        if kernel_side:  # hfselect keeps every one of the n eigenvalues here
+        if kernel_side and drop_null:  # a small kernel standing in for the feature side (n > D):
+            # its ``drop_null`` smallest eigenvalues are structural zeros, not in that spectrum
+            self.keep = torch.arange(sigma.shape[1], device=sigma.device) >= drop_null
+            self.keep = self.keep.expand_as(sigma)
+            proj = torch.where(self.keep.unsqueeze(-1), proj, 0.0)
+        elif kernel_side:  # hfselect keeps every one of the n eigenvalues here
             self.keep = torch.ones_like(sigma, dtype=torch.bool)
         else:  # hfselect drops singular values <= RANK_TOL when n > D
             s = sigma.sqrt()
@@ -242,12 +251,22 @@ def _tridiagonalize(a: np.ndarray, z: np.ndarray):
     return d, e, zt, lapack.dsterf(d, e)[0]
 
 
-def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim: int, columns: int) -> torch.Tensor:
+def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim: int, columns: int,
+                extra_zeros: int = 0, params: bool = False):
     """hfselect's fixed point for every (source, label column) at once; returns the mean
-    evidence per example of each source, shape (B,). ``terms(t, active)`` gives (m2, res2)
-    (it may skip pairs that are no longer active: their values are not used)."""
+    evidence per example of each source, shape (B,) (and alpha, beta (B, C) with ``params``).
+    ``terms(t, active)`` gives (m2, res2) (it may skip pairs that are no longer active: their
+    values are not used). ``extra_zeros`` kept zero eigenvalues are not in ``sigma``: each
+    adds log(alpha) to log det."""
     sig = sigma.unsqueeze(-1)  # (B, k, 1)
     kept = keep.unsqueeze(-1).to(sigma.dtype)
+    if isinstance(terms, EigTerms) and sigma.device.type == "cpu":  # compiled, each pair stops on its own
+        from ._kernels import dense_fixed_point
+
+        arrays = (sigma.detach().numpy(), keep.numpy(), terms.x2.detach().numpy(), terms.res_x2.detach().numpy())
+        alpha, beta, m2, res2 = map(torch.from_numpy, dense_fixed_point(*arrays, n, MAX_STEPS, RTOL, EPS))
+        score = _evidence(alpha, beta, sig, kept, m2, res2, n, out_dim, extra_zeros)
+        return (score, alpha, beta) if params else score
     shape = (sigma.shape[0], columns)
     alpha = torch.ones(shape, dtype=sigma.dtype, device=sigma.device)
     beta = torch.ones_like(alpha)
@@ -268,7 +287,13 @@ def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim:
         active = active & ~done
         if not active.any():
             break
-    log_det = (kept * torch.log(alpha.unsqueeze(1) + beta.unsqueeze(1) * sig)).sum(1)
+    score = _evidence(alpha, beta, sig, kept, m2, res2, n, out_dim, extra_zeros)
+    return (score, alpha, beta) if params else score
+
+
+def _evidence(alpha, beta, sig, kept, m2, res2, n: int, out_dim: int, extra_zeros: int) -> torch.Tensor:
+    """L / n averaged over label columns (the formula in the module docstring)."""
+    log_det = (kept * torch.log(alpha.unsqueeze(1) + beta.unsqueeze(1) * sig)).sum(1) + extra_zeros * torch.log(alpha)
     evidence = (out_dim / 2.0 * torch.log(alpha) + n / 2.0 * torch.log(beta) - 0.5 * log_det
                 - beta / 2.0 * res2 - alpha / 2.0 * m2 - n / 2.0 * math.log(2 * math.pi))
     return (evidence / n).mean(1)
@@ -307,12 +332,28 @@ def score_esms(
     return torch.cat(out).numpy()
 
 
-def score_grams(target: TargetStats, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool,
-                out_dim: int) -> torch.Tensor:
-    """Scores (B,) straight from Gram matrices by eigendecomposition (differentiable); used by
-    the prefilter's small subspace problems."""
-    terms = EigTerms(gram, rhs, kernel_side, target.yy)
-    return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, target.qty.shape[1])
+def score_grams(target: TargetStats, gram: torch.Tensor, out_dim: int, differentiable: bool = False) -> torch.Tensor:
+    """Scores (B,) of a target whose QR factor R has few columns (a projected target), from
+    the small kernels A = R S R^T (B, rq, rq). This is the exact LogME of the n x out_dim
+    features such a target's F would be: as hfselect does, all n kernel eigenvalues count when
+    n <= out_dim (the n - rq we do not form are zeros), and null directions are dropped when
+    n > out_dim.
+
+    ``differentiable``: gradients flow to ``gram``. They do not go through the iterations:
+    the fixed point is where the evidence is stationary in alpha and beta, so (envelope
+    theorem) the evidence at the converged alpha, beta, held fixed, has the same gradient -
+    one backward pass through eigh instead of fifty through the loop."""
+    kernel_side = target.n <= out_dim
+    null = 0 if kernel_side else gram.shape[1] - min(target.r.shape[1], out_dim)  # rank <= both
+    terms = EigTerms(gram, target.qty.expand(len(gram), -1, -1), True, target.yy, drop_null=null)
+    extra, cols = (target.n - gram.shape[1] if kernel_side else 0), target.qty.shape[1]
+    if not differentiable:
+        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra)
+    with torch.no_grad():
+        _, alpha, beta = fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra, params=True)
+    m2, res2 = terms(alpha / beta)
+    kept = terms.keep.unsqueeze(-1).to(terms.sigma.dtype)
+    return _evidence(alpha, beta, terms.sigma.unsqueeze(-1), kept, m2, res2, target.n, out_dim, extra)
 
 
 def logme(features: np.ndarray, labels: np.ndarray, regression: bool = False) -> float:

@@ -272,6 +272,20 @@ class Store:
         width = self.manifest["summary_dim"]
         return np.asarray(found, np.int64), (np.stack(vecs) if vecs else np.zeros((0, width), np.float32))
 
+    def iter_summaries(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids, summary vectors) in chunks of ``batch``, one read transaction: a pass
+        over a large pool without holding every summary in memory."""
+        with self.env.begin() as txn:
+            ids, vecs = [], []
+            for k, v in txn.cursor(db=self.db["summary"]):
+                ids.append(_id(k))
+                vecs.append(np.frombuffer(v, "<f4"))
+                if len(ids) == batch:
+                    yield np.asarray(ids, np.int64), np.stack(vecs)
+                    ids, vecs = [], []
+            if ids:
+                yield np.asarray(ids, np.int64), np.stack(vecs)
+
     def check(self) -> list[str]:
         """Consistency problems between the tables, and unusable weights (empty when clean)."""
         problems = []

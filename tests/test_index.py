@@ -50,8 +50,29 @@ def test_add_rank_and_resume(index):
     assert "approx_score" in fast.results[0] and fast.pool_size == 40
 
 
+def test_every_prefilter_stage_runs_and_keeps_the_best(index):
+    """A pool larger than ``candidates``: FAISS (local linear score per K-means cell), the
+    approximate stage, the refining stage and the exact rerank all run, and the exact top-3
+    survives them. The pool is built like tools/bench_query.py's: mixtures of a few maps."""
+    rng = np.random.default_rng(3)
+    seeds = random_esms(rng, 8, 32, scale=0.5)
+    for i in range(700):
+        pick, mix = rng.choice(8, 3, replace=False), rng.dirichlet(np.full(3, 0.5))
+        w = sum(m * seeds[j].weight for m, j in zip(mix, pick)) + 0.01 * rng.standard_normal((32, 32))
+        b = sum(m * seeds[j].bias for m, j in zip(mix, pick))
+        index.add_esm(f"r{i}", ESM(w, b, {}))
+    index.rebuild()
+    assert index.verify() == [] and index.prefilter().ivf.nlist > 1
+    texts, labels = _target()
+    exact = index.rank(texts, labels, top=3, exact=True)
+    fast = index.rank(texts, labels, top=8, shortlist=8, candidates=64, refine=16)
+    assert set(fast.timings) >= {"faiss", "approximate", "refine", "exact"}
+    assert all("prefilter_score" in r and "approx_score" in r for r in fast.results)
+    assert {r["source"] for r in exact.results} <= {r["source"] for r in fast.results}
+
+
 def test_first_rebuild_fits_the_probe_to_the_pool(index):
-    from esm_index.prefilter import summarize
+    from esm_index.summary import summarize
 
     _fill(index, 12)
     before = index.probe.copy()

@@ -40,7 +40,7 @@ def main() -> None:
     from esm_index.esm import ESM
     from esm_index.index import SourceIndex
     from esm_index.logme import TargetStats, logme, score_esms
-    from esm_index.prefilter import project_target, subspace_scores
+    from esm_index.summary import TargetView, adapted_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", type=Path, default=REPO / "indexes" / "default")
@@ -80,8 +80,7 @@ def main() -> None:
                          "real_top1": tasks[next(iter(top(real, 1)))], "esm_top1": tasks[next(iter(top(esm_scores, 1)))]})
         best = np.argsort(-esm_scores)[:3]
         loo.append({"target": target, "top3": [(tasks[others[j]], round(float(esm_scores[j]), 4)) for j in best]})
-        approx = subspace_scores(project_target(x, y, False, index.probe), torch.from_numpy(summaries[others]),
-                                 index.manifest["out_dim"])
+        approx = adapted_scores(TargetView(stats), index.probe, summaries[others], index.manifest["out_dim"])
         truth = top(esm_scores, 5)
         for k in recall:
             recall[k].append(len(truth & top(approx, k)) / 5)

@@ -1,0 +1,195 @@
+"""Source summaries and the cheap scores computed from them.
+
+Why this summary. ESM-LogME depends on a source only through its metric M = W~^T W~
+(W~ = [W, b]): F F^T = X~ M X~^T. We fix a probe U ((d+1) x k, orthonormal) and summarise
+each source by M projected on it:
+
+    S = U^T M U = (W~ U)^T (W~ U)         (k x k, stored as its k(k+1)/2 upper triangle)
+
+It is target-independent, computable from the ESM alone, and small (k=128: 8,256 floats,
+against 148k for the ESM). A direction matters to the ranking when targets have variance
+along it and sources differ along it, so U joins two halves: the top principal directions
+of reference texts' embeddings (where targets live) and, once the pool has sources, the top
+directions of between-source variation of M (where sources differ). ``summarize`` scales
+off-diagonal entries by sqrt(2), so vector dot products equal Frobenius products.
+
+The scores, from coarse to fine (prefilter.py chains them):
+
+* ``adapted_scores``: the target's own top-32 principal directions *inside* span(U), C;
+  then C^T S C is the source's metric on them and the score is the exact LogME of the target
+  projected there. Adapting the directions to the target is what makes this accurate
+  (BENCHMARKS.md, section 6): a fixed 32-d probe put some targets' true top-5 at rank 565 of
+  10k; the adapted score at rank <= 31, with the 128-d half-and-half probe.
+* ``centroid_scores``: the same score and its gradient at a few points of summary space (the
+  FAISS cell centres), for the FAISS stage's local linearisation.
+* ``own_subspace_scores``: the same on the target's own top-32 directions in the full space,
+  from full maps - the closest of them, for the last hundred or so candidates.
+
+All of them are exact in the limit: with every direction kept they equal ESM-LogME (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .logme import TargetStats, score_grams
+
+DEFAULT_PROBE_DIM = 128  # k: the summary holds k(k+1)/2 floats
+ADAPTED_DIM = 32  # target directions the approximate and refining stages use
+
+
+def make_probe(reference_embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Top-k right singular vectors of [X_ref, 1]: the directions target data lives in."""
+    x = np.asarray(reference_embeddings, np.float64)
+    x = np.hstack([x, np.ones((len(x), 1))])
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    if k > vt.shape[0]:
+        raise ValueError(f"probe dimension {k} needs at least {k} reference texts and d >= {k - 1}")
+    return vt[:k].T.astype(np.float32)  # ((d+1), k)
+
+
+def pool_directions(weights: np.ndarray, biases: np.ndarray, k: int) -> np.ndarray:
+    """Top-k eigenvectors of mean_s (M_s - M_mean)^2: where the sources' metrics differ."""
+    w_aug = np.concatenate([weights, biases[:, :, None]], 2).astype(np.float64)
+    metrics = np.einsum("bij,bik->bjk", w_aug, w_aug)
+    dev = metrics - metrics.mean(0)
+    _, vecs = np.linalg.eigh(np.einsum("bij,bjk->ik", dev, dev))
+    return vecs[:, ::-1][:, :k]
+
+
+def join_probe(reference: np.ndarray, pool: np.ndarray | None, k: int) -> np.ndarray:
+    """k orthonormal probe directions: half reference, half pool (all reference if no pool)."""
+    if pool is None:
+        return reference[:, :k].astype(np.float32)
+    q, _ = np.linalg.qr(np.hstack([reference[:, :k - k // 2], pool[:, :k // 2]]).astype(np.float64))
+    return q.astype(np.float32)
+
+
+# ---- summary vectors <-> matrices ------------------------------------------------------
+def _vec_scale(k: int) -> torch.Tensor:
+    i, j = torch.triu_indices(k, k)
+    return torch.where(i == j, 1.0, math.sqrt(2.0))
+
+
+def summarize(weights: np.ndarray | torch.Tensor, biases: np.ndarray | torch.Tensor,
+              probe: np.ndarray) -> np.ndarray:
+    """Summary vectors (B, k(k+1)/2) float32 of ESMs (B, D, d) / (B, D)."""
+    w = torch.as_tensor(np.asarray(weights, np.float32) if not isinstance(weights, torch.Tensor) else weights)
+    b = torch.as_tensor(np.asarray(biases, np.float32) if not isinstance(biases, torch.Tensor) else biases)
+    u = torch.as_tensor(probe, dtype=torch.float32)
+    w_aug = torch.cat([w, b.unsqueeze(-1)], 2).to(torch.float32)
+    wu = (w_aug @ u).to(torch.float64)  # (B, D, k)
+    gram = wu.transpose(1, 2) @ wu
+    i, j = torch.triu_indices(u.shape[1], u.shape[1])
+    return (gram[:, i, j] * _vec_scale(u.shape[1]).double()).float().numpy()
+
+
+def summary_dim(k: int) -> int:
+    return k * (k + 1) // 2
+
+
+def probe_dim(width: int) -> int:
+    """k from the summary vector length k(k+1)/2."""
+    return int(round((math.isqrt(8 * width + 1) - 1) / 2))
+
+
+def unvec(vectors: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k(k+1)/2) summary vectors back to symmetric (B, k, k) float32 matrices."""
+    vectors = torch.as_tensor(vectors, dtype=torch.float32) / _vec_scale(k)
+    i, j = torch.triu_indices(k, k)
+    position = torch.zeros(k, k, dtype=torch.long)
+    position[i, j] = torch.arange(len(i))
+    position[j, i] = torch.arange(len(i))
+    return vectors[:, position.reshape(-1)].reshape(-1, k, k)
+
+
+# ---- scores ----------------------------------------------------------------------------
+class TargetView:
+    """What the cheap stages need from a target, from the QR of [X, 1] = Q R computed once
+    per query: every projection below works on R (at most (d+1) x (d+1)), never on X again.
+
+    [X, 1] P = Q (R P) and the ones column is Q R[:, -1], so the projected target [X P, 1]
+    has the QR of the small matrix [R P, R[:, -1]]; its principal directions are those of R."""
+
+    def __init__(self, stats: TargetStats) -> None:
+        self.r = stats.r.detach().cpu().to(torch.float64)
+        self.qty, self.yy, self.n = stats.qty.detach().cpu(), stats.yy.detach().cpu(), stats.n
+        self._v = None
+
+    @classmethod
+    def from_embeddings(cls, x: np.ndarray, labels: np.ndarray, regression: bool = False) -> "TargetView":
+        return cls(TargetStats.from_embeddings(x, labels, regression))
+
+    def directions(self, k: int = ADAPTED_DIM, basis: np.ndarray | None = None) -> np.ndarray:
+        """Top-k principal directions of [X, 1] ((d+1), k), or of [X, 1] U as coordinates C
+        in span(U) (k_U, k), so that U C are the directions."""
+        if basis is None:
+            if self._v is None:
+                self._v = _right_singular_vectors(self.r.numpy(), k)
+            return self._v[:, :k]
+        return _right_singular_vectors(self.r.numpy() @ np.asarray(basis, np.float64), k)
+
+    def project(self, directions: np.ndarray) -> TargetStats:
+        """The target's statistics in span(P) for orthonormal P ((d+1), k)."""
+        p = torch.as_tensor(np.asarray(directions, np.float64))
+        q2, r2 = torch.linalg.qr(torch.cat([self.r @ p, self.r[:, -1:]], 1), mode="reduced")
+        k = p.shape[1]
+        return TargetStats(r=r2[:, :k], qty=q2.T @ self.qty, yy=self.yy, n=self.n, dim=k)
+
+
+def _right_singular_vectors(r: np.ndarray, k: int) -> np.ndarray:
+    """Top-k right singular vectors of r, from the eigendecomposition of the smaller Gram
+    matrix (5-8x faster than an SVD here; only well-separated top directions are used)."""
+    k = min(k, *r.shape)
+    if r.shape[0] < r.shape[1]:
+        s2, u = np.linalg.eigh(r @ r.T)
+        u, s = u[:, ::-1][:, :k], np.sqrt(np.maximum(s2[::-1][:k], 1e-300))
+        q, rr = np.linalg.qr(r.T @ u / s)  # re-orthonormalise: rounding in tiny singular values
+        return q * np.sign(np.diag(rr))
+    return np.ascontiguousarray(np.linalg.eigh(r.T @ r)[1][:, ::-1][:, :k])
+
+
+def subspace_scores(target: TargetStats, metrics: torch.Tensor, out_dim: int, batch_size: int = 2048) -> np.ndarray:
+    """Exact LogME of a projected target from the sources' metrics (B, k, k) on that subspace."""
+    out = []
+    for start in range(0, metrics.shape[0], batch_size):
+        gram = target.r @ metrics[start:start + batch_size].to(torch.float64) @ target.r.T
+        out.append(score_grams(target, gram, out_dim))
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def adapted_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarray, out_dim: int,
+                   k: int = ADAPTED_DIM) -> np.ndarray:
+    """The approximate stage: LogME on the target's own top-k directions within span(U), from
+    summaries alone (C^T S C per source)."""
+    coords = view.directions(k, probe)  # (k_U, a)
+    target = view.project(probe.astype(np.float64) @ coords)
+    c = torch.from_numpy(coords).float()
+    return subspace_scores(target, c.T @ unvec(summaries, probe.shape[1]) @ c, out_dim)
+
+
+def own_subspace_scores(view: TargetView, weights: np.ndarray, biases: np.ndarray, k: int = ADAPTED_DIM) -> np.ndarray:
+    """The refining stage: LogME on the target's own top-k directions in the full space, from
+    full ESMs. Closest to the exact score, but it needs each source's whole map."""
+    directions = view.directions(k)
+    w_aug = torch.cat([torch.as_tensor(weights), torch.as_tensor(biases).unsqueeze(-1)], 2).float()
+    wu = w_aug @ torch.from_numpy(directions).float()
+    return subspace_scores(view.project(directions), wu.transpose(1, 2) @ wu, weights.shape[1])
+
+
+def centroid_scores(view: TargetView, probe: np.ndarray, mean: np.ndarray, basis: np.ndarray,
+                    centroids: np.ndarray, out_dim: int, k: int = ADAPTED_DIM):
+    """The adapted score f at summaries S = mean + sum_j c_j basis_j, one per row c of
+    ``centroids`` (K, m), and its gradient in c: (f (K,), g (K, m))."""
+    coords = view.directions(k, probe)
+    target = view.project(probe.astype(np.float64) @ coords)
+    c = torch.from_numpy(coords).float()
+    mats = (c.T @ unvec(np.vstack([mean[None], basis]), probe.shape[1]) @ c).double()  # (1+m, a, a)
+    z = torch.from_numpy(np.asarray(centroids, np.float64)).requires_grad_(True)
+    metrics = mats[0] + torch.einsum("kj,jab->kab", z, mats[1:])
+    f = score_grams(target, target.r @ metrics @ target.r.T, out_dim, differentiable=True)
+    (g,) = torch.autograd.grad(f.sum(), z)
+    return f.detach().numpy(), g.numpy()

@@ -1,0 +1,91 @@
+"""The summary algebra behind the prefilter (summary.py), on small random problems."""
+
+import numpy as np
+import pytest
+import torch
+
+from esm_index.logme import TargetStats, score_esms
+from esm_index.summary import (TargetView, adapted_scores, centroid_scores, join_probe, own_subspace_scores,
+                               probe_dim, summarize, unvec)
+
+D = 40  # > LEAD, so the leading block is a strict sub-block
+
+
+@pytest.fixture
+def pool():
+    rng = np.random.default_rng(0)
+    w = np.eye(D)[None] + 0.3 * rng.standard_normal((6, D, D))
+    b = 0.1 * rng.standard_normal((6, D))
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+@pytest.fixture
+def target():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 120)
+    x = rng.standard_normal((120, D)) + 0.8 * y[:, None] * rng.standard_normal(D)
+    return x, y
+
+
+def orthonormal(rows: int, cols: int, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((rows, cols)))
+    return q.astype(np.float32)
+
+
+def test_summary_vectors_are_the_projected_metric(pool):
+    w, b = pool
+    u = orthonormal(D + 1, 12, 2)
+    w_aug = np.concatenate([w, b[:, :, None]], 2).astype(np.float64)
+    metric = np.einsum("bji,bjk->bik", w_aug, w_aug)
+    vecs = summarize(w, b, u)
+    assert vecs.shape == (6, 78) and probe_dim(78) == 12
+    np.testing.assert_allclose(unvec(vecs, 12).numpy(), u.T @ metric @ u, rtol=1e-4, atol=1e-3)
+    # the vector dot product is the Frobenius product of the matrices
+    np.testing.assert_allclose(vecs[0] @ vecs[1], np.sum((u.T @ metric[0] @ u) * (u.T @ metric[1] @ u)), rtol=1e-4)
+
+
+def test_joined_probe_is_orthonormal_half_and_half():
+    ref, pool_dirs = orthonormal(D + 1, 20, 4), orthonormal(D + 1, 20, 5)
+    probe = join_probe(ref, pool_dirs, 40).astype(np.float64)
+    np.testing.assert_allclose(probe.T @ probe, np.eye(40), atol=1e-5)
+    both = np.hstack([ref, pool_dirs])
+    np.testing.assert_allclose(probe @ probe.T @ both, both, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [30, 120])  # kernel side (n <= D) and feature side (n > D)
+def test_in_the_full_space_the_cheap_stages_are_exact(pool, target, n):
+    """With a probe spanning every direction, the approximate and refining scores are the
+    exact ESM-LogME: the approximation comes only from dropping directions."""
+    w, b = pool
+    x, y = target[0][:n], target[1][:n]
+    exact = score_esms(TargetStats.from_embeddings(x, y), torch.from_numpy(w), torch.from_numpy(b))
+    full = orthonormal(D + 1, D + 1, 6)
+    view = TargetView.from_embeddings(x, y)
+    adapted = adapted_scores(view, full, summarize(w, b, full), D, k=D + 1)
+    refined = own_subspace_scores(view, w, b, k=D + 1)
+    np.testing.assert_allclose(adapted, exact, atol=2e-4)
+    np.testing.assert_allclose(refined, exact, atol=2e-4)
+    # and on fewer directions they are approximations that still rank like the exact score
+    part = orthonormal(D + 1, 20, 7)
+    approx = adapted_scores(view, part, summarize(w, b, part), D, k=20)
+    assert not np.allclose(approx, exact, atol=1e-3)
+
+
+def test_centroid_scores_are_adapted_scores_and_their_gradient(pool, target):
+    """The FAISS stage's local linearisation: f at S = mean + sum_j c_j B_j is the adapted
+    score of that summary, and g is its gradient in c (checked by central differences)."""
+    w, b = pool
+    x, y = target
+    u = orthonormal(D + 1, 36, 8)
+    vecs = summarize(w, b, u).astype(np.float64)
+    mean = vecs.mean(0)
+    basis, _ = np.linalg.qr((vecs - mean).T)  # (width, 6): a basis of the pool's variation
+    basis = basis.T
+    coords = (vecs - mean) @ basis.T
+    view = TargetView.from_embeddings(x, y)
+    f, g = centroid_scores(view, u, mean, basis, coords, D)
+    np.testing.assert_allclose(f, adapted_scores(view, u, vecs, D), atol=1e-4)
+    step = 1e-2 * np.random.default_rng(9).standard_normal(basis.shape[0])
+    up, _ = centroid_scores(view, u, mean, basis, coords[:1] + step, D)
+    down, _ = centroid_scores(view, u, mean, basis, coords[:1] - step, D)
+    np.testing.assert_allclose(up[0] - down[0], 2 * g[0] @ step, rtol=5e-2, atol=1e-6)
