@@ -35,8 +35,17 @@ from .logme import TargetStats
 from .summary import TargetView, adapted_scores, centroid_scores, own_subspace_scores
 
 DEFAULT_SHORTLIST = 32  # sources scored exactly
-DEFAULT_CANDIDATES = 1024  # sources the FAISS stage hands to the approximate stage
+DEFAULT_CANDIDATES = 512  # sources the FAISS stage hands to the approximate stage
 DEFAULT_REFINE = 128  # sources the approximate stage hands to the refining stage
+LARGE_POOL = 20_000  # from here on, the stages keep more target directions
+
+
+def stage_dims(pool_size: int) -> tuple[int, int, int]:
+    """Target directions kept by (FAISS, approximate, refining) stage. A larger pool has more
+    near-ties at the top, which only finer approximations separate: at 100k a true top-5
+    source ranked ~1,300th of the exact top-3,000 by the refining score on 32 directions
+    and 5th on 128 (BENCHMARKS.md section 6). At 10k, 32 everywhere keeps the whole top-5."""
+    return (32, 32, 32) if pool_size <= LARGE_POOL else (64, 64, 128)
 
 
 def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetStats,
@@ -50,8 +59,9 @@ def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetSt
     view = TargetView(target)
     pool_size = store.count() if allowed is None else len(allowed)
     stage: dict[int, dict] = {}
+    faiss_k, approx_k, refine_k = stage_dims(pool_size)
     if pool_size > candidates:
-        ids, scores = prefilter.search(view, probe, out_dim, candidates if allowed is None else store.count())
+        ids, scores = prefilter.search(view, probe, out_dim, candidates if allowed is None else store.count(), faiss_k)
         if allowed is not None:
             keep = np.isin(ids, allowed)
             ids, scores = ids[keep][:candidates], scores[keep][:candidates]
@@ -61,13 +71,13 @@ def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetSt
         ids = store.ids() if allowed is None else allowed
     lap("faiss")
     ids, vecs = store.summaries(ids)
-    approx = adapted_scores(view, probe, vecs, out_dim)
+    approx = adapted_scores(view, probe, vecs, out_dim, approx_k)
     order = np.argsort(-approx)[:max(size, refine)]
     chosen, approx = ids[order], approx[order]
     lap("approximate")
     found, w, b = store.esms(chosen)
     if len(found) > size:
-        fine = own_subspace_scores(view, w, b)
+        fine = own_subspace_scores(view, w, b, refine_k)
         keep = np.argsort(-fine)[:size]
         found, w, b, approx = found[keep], w[keep], b[keep], fine[keep]
         lap("refine")
@@ -82,8 +92,9 @@ def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetSt
 FAISS_FILE = "prefilter.faiss"
 META_FILE = "prefilter.json"
 PCA_DIM = 64  # coordinates per source in the FAISS index
-MAX_LISTS = 128  # K-means cells (the centroids whose gradients a query computes)
-PCA_SAMPLE = 8192  # summaries the PCA and K-means are fitted on
+MAX_LISTS = 1024  # K-means cells (the centroids whose gradients a query computes)
+PER_LIST = 200  # sources per cell
+PCA_SAMPLE = 8192  # summaries the PCA is fitted on; K-means sees up to 64 per cell
 
 
 @dataclass
@@ -114,9 +125,10 @@ class Prefilter:
                  for i in range(self.ivf.nlist) if lists.list_size(i)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    def search(self, view: TargetView, probe: np.ndarray, out_dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, view: TargetView, probe: np.ndarray, out_dim: int, k: int,
+               directions: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """The k best sources by the local linear score: (ids, scores), best first."""
-        f, g = centroid_scores(view, probe, self.mean, self.basis, self.centroids, out_dim)
+        f, g = centroid_scores(view, probe, self.mean, self.basis, self.centroids, out_dim, directions)
         offset = f - (g * self.centroids).sum(1)  # score ~ f_c + g_c . (z - c)
         cells = self.ivf.nlist
         longest = max(self.ivf.invlists.list_size(i) for i in range(cells))
@@ -148,8 +160,10 @@ def build_prefilter(store, generation: int, seed: int = 0) -> Prefilter:
     faiss.copy_array_to_vector(basis.ravel(), pca.A)
     faiss.copy_array_to_vector(-(basis @ mean), pca.b)
     pca.is_trained = True
-    z = pca.apply(np.ascontiguousarray(sample))
-    cells = int(np.clip(len(sample) // 64, 1, MAX_LISTS))
+    cells = int(np.clip(len(ids) // PER_LIST, 1, MAX_LISTS))
+    if len(ids) > len(sample) and 64 * cells > len(sample):  # K-means wants ~40+ points per cell
+        _, sample = store.summaries(np.sort(rng.permutation(ids)[:64 * cells]))
+    z = np.concatenate([pca.apply(np.ascontiguousarray(sample[i:i + 4096])) for i in range(0, len(sample), 4096)])
     if cells > 1:
         kmeans = faiss.Kmeans(z.shape[1], cells, niter=20, seed=seed + 1)
         kmeans.train(z)
@@ -195,5 +209,5 @@ def load_prefilter(folder: Path, generation: int) -> Prefilter | None:
             return None
         index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
         return Prefilter(generation, index, np.asarray(info["mean_summary"], np.float32))
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError):  # AttributeError: an older layout
         return None

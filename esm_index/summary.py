@@ -127,8 +127,8 @@ class TargetView:
         """Top-k principal directions of [X, 1] ((d+1), k), or of [X, 1] U as coordinates C
         in span(U) (k_U, k), so that U C are the directions."""
         if basis is None:
-            if self._v is None:
-                self._v = _right_singular_vectors(self.r.numpy(), k)
+            if self._v is None:  # all of them, once: stages ask for different k
+                self._v = _right_singular_vectors(self.r.numpy(), min(self.r.shape))
             return self._v[:, :k]
         return _right_singular_vectors(self.r.numpy() @ np.asarray(basis, np.float64), k)
 
