@@ -162,8 +162,8 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--task", type=click.Choice(["classification", "regression"]), default=None)
 @click.option("--top", type=int, default=10, show_default=True)
 @click.option("--shortlist", type=int, default=None, help="Sources scored exactly after the prefilter (default 32).")
-@click.option("--candidates", type=int, default=None, help="Sources the FAISS stage passes on (default 512).")
-@click.option("--refine", type=int, default=None, help="Sources the refining stage scores from full maps (default 128).")
+@click.option("--candidates", type=int, default=None, help="Sources the FAISS stage passes on (default by pool size: 256, or 512 above 20k).")
+@click.option("--refine", type=int, default=None, help="Sources the refining stage scores from full maps (default by pool size: 64, or 128 above 20k).")
 @click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter).")
 @click.option("--task-type", "f_task", default=None, help="Only sources of this task type.")
 @click.option("--language", "f_language", default=None, help="Only sources in this language.")
@@ -176,7 +176,7 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
          f_language, f_tags, min_size, as_json, as_csv):
     """Rank the pool's sources for a labelled target file (CSV, JSONL or Parquet)."""
     from .data import load_labelled
-    from .index import DEFAULT_CANDIDATES, DEFAULT_REFINE, DEFAULT_SHORTLIST, Filters
+    from .index import DEFAULT_SHORTLIST, Filters
 
     if any(v is not None and v < 1 for v in (top, shortlist, candidates, refine)):
         _fail("--top, --shortlist, --candidates and --refine must be positive")
@@ -184,8 +184,8 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
     filters = Filters(f_task, f_language, f_tags, min_size)
     with _open(folder or default_index_path(), readonly=True) as index:
         ranking = index.rank(data.texts, data.labels, data.task, top=top, exact=exact,
-                             shortlist=shortlist or DEFAULT_SHORTLIST, candidates=candidates or DEFAULT_CANDIDATES,
-                             refine=refine or DEFAULT_REFINE, filters=filters,
+                             shortlist=shortlist or DEFAULT_SHORTLIST, candidates=candidates,
+                             refine=refine, filters=filters,
                              progress=sys.stderr.isatty() and not (as_json or as_csv))
     if as_json:
         click.echo(json.dumps(ranking.to_dict(), indent=2))

@@ -27,9 +27,10 @@ U^T y = P^T (Q^T y) with P the left singular vectors of K. Per source we only ne
 spectrum of a (min(r, D))^2 Gram matrix of K; n never appears again, and no mapped embedding
 set is ever materialised. The QR also picks the cheaper side of n vs d for us.
 
-Two ways to get that spectrum: ``EigTerms`` (batched eigh; the GPU path) and
-``TridiagonalTerms`` (a tridiagonalisation, its eigenvalues and shifted tridiagonal solves,
-no eigenvectors; the CPU path, 3x cheaper). ``fixed_point`` runs the iteration on either.
+Two ways to get that spectrum: ``EigTerms`` (batched eigh; the GPU path, and small or
+kernel-side problems on a CPU) and ``TridiagonalTerms`` (a tridiagonalisation, its
+eigenvalues and shifted tridiagonal solves, no eigenvectors; the CPU path for n > D, 3-4x
+cheaper there). ``fixed_point`` runs the iteration on either (compiled per pair on a CPU).
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def _gram(target: TargetStats, weights: torch.Tensor, biases: torch.Tensor) -> t
     Feature side (n > D): A = K^T K and z = K^T Q^T y (= F^T y); there x_i = v_i^T z / s_i.
     Float64 throughout: a float32 Gram moved scores by 5e-6 at n = 5,000 (measured).
     """
-    w_aug = torch.cat([weights, biases.unsqueeze(-1)], dim=2).to(target.r)  # (B, D, d+1)
-    k = target.r @ w_aug.transpose(1, 2)  # (B, rq, D)
+    w, b = weights.to(target.r), biases.to(target.r)
+    k = target.r[:, :-1] @ w.transpose(1, 2) + target.r[:, -1:] * b.unsqueeze(1)  # R [W, b]^T: (B, rq, D)
     if k.shape[1] <= k.shape[2]:
         return k @ k.transpose(1, 2), target.qty.expand(k.shape[0], -1, -1), True
     kt = k.transpose(1, 2)
@@ -213,15 +214,26 @@ class TridiagonalTerms:
         return cls(diag, off, z, sigma, False, target.yy)
 
     @classmethod
+    def from_grams(cls, gram: torch.Tensor, rhs: torch.Tensor, yy: torch.Tensor) -> "TridiagonalTerms":
+        """Kernel-side terms of given Gram matrices (B, m, m) and right-hand sides (B, m, C),
+        reduced in parallel by a compiled loop over LAPACK (dsytrd, dormqr, dsterf)."""
+        from scipy.linalg import lapack
+        from threadpoolctl import threadpool_limits
+
+        from ._kernels import reduce_symmetric
+
+        z = np.ascontiguousarray(rhs.transpose(1, 2).numpy(), dtype=np.float64)
+        lwork = int(lapack.dsytrd_lwork(gram.shape[1], lower=1)[0])
+        with threadpool_limits(1):
+            diag, off, sigma = reduce_symmetric(np.ascontiguousarray(gram.numpy(), dtype=np.float64), z, lwork)
+        return cls(diag, off, z, sigma, True, yy)  # m > 1: off is (B, m - 1)
+
+    @classmethod
     def kernel_side(cls, target: TargetStats, chunks) -> "TridiagonalTerms":
-        """A = K K^T (n x n, n small) per source; reduced with scipy's LAPACK wrappers."""
-        results = []
-        for w, b in chunks:
-            gram, rhs, _ = _gram(target, w, b)
-            results += map(_tridiagonalize, gram.numpy(), rhs.numpy())
-        diags, offs, zs, sigmas = zip(*results)
-        z = np.ascontiguousarray(np.stack(zs).transpose(0, 2, 1))
-        return cls(np.stack(diags), np.stack(offs), z, np.stack(sigmas), True, target.yy)
+        """A = K K^T (n x n, n small) per source, reduced by ``from_grams``."""
+        parts = [cls.from_grams(*_gram(target, w, b)[:2], target.yy) for w, b in chunks]
+        joined = [np.concatenate([getattr(p, name) for p in parts]) for name in ("diag", "off", "z")]
+        return cls(*joined, np.concatenate([p.sigma.numpy() for p in parts]), True, target.yy)
 
     def __call__(self, t: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         from ._kernels import resolvent_sums
@@ -234,21 +246,6 @@ class TridiagonalTerms:
         else:
             m2, res2 = ww, self.yy - zw - tn * ww
         return torch.from_numpy(m2), torch.from_numpy(res2)
-
-
-def _tridiagonalize(a: np.ndarray, z: np.ndarray):
-    """LAPACK: A = H T H^T (dsytrd), eigenvalues of T (dsterf), H^T z (dormqr)."""
-    from scipy.linalg import lapack
-
-    m, cols = z.shape
-    if m == 1:
-        return a[0], np.zeros(1), z.copy(), np.abs(a[0])
-    lwork = int(lapack.dsytrd_lwork(m, lower=1)[0])  # blocked; the default is 2.5x slower
-    # a is symmetric, so its transpose is the Fortran-ordered copy LAPACK wants
-    refl, d, e, tau, _ = lapack.dsytrd(a.T, lower=1, lwork=lwork)
-    zt = z.copy()
-    zt[1:] = lapack.dormqr("L", "T", refl[1:, :-1], tau, zt[1:], max(1, 64 * cols))[0]
-    return d, e, zt, lapack.dsterf(d, e)[0]
 
 
 def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim: int, columns: int,
@@ -313,11 +310,11 @@ def score_esms(
     if weights.shape[0] == 0:
         return np.zeros(0)
     device = target.r.device
+    kernel_side = target.r.shape[0] <= weights.shape[1]
     if method == "auto":
         method = "eigh" if device.type == "cuda" or weights.shape[1] <= 64 else "tridiagonal"
     chunks = [(weights[i:i + batch_size].to(device), biases[i:i + batch_size].to(device))
               for i in range(0, weights.shape[0], batch_size)]
-    kernel_side = target.r.shape[0] <= weights.shape[1]
     out_dim, cols = weights.shape[1], target.qty.shape[1]
     if method == "tridiagonal" and not kernel_side and target.r.shape[0] != target.r.shape[1]:
         method = "eigh"  # n between D and d (maps to fewer dimensions): R is not square
@@ -345,8 +342,14 @@ def score_grams(target: TargetStats, gram: torch.Tensor, out_dim: int, different
     one backward pass through eigh instead of fifty through the loop."""
     kernel_side = target.n <= out_dim
     null = 0 if kernel_side else gram.shape[1] - min(target.r.shape[1], out_dim)  # rank <= both
-    terms = EigTerms(gram, target.qty.expand(len(gram), -1, -1), True, target.yy, drop_null=null)
     extra, cols = (target.n - gram.shape[1] if kernel_side else 0), target.qty.shape[1]
+    if not differentiable and gram.device.type == "cpu" and gram.shape[1] > 1:
+        terms = TridiagonalTerms.from_grams(gram, target.qty.expand(len(gram), -1, -1), target.yy)
+        if null:  # eigenvalues come sorted: the smallest ``null`` are the structural zeros
+            terms.keep = (torch.arange(gram.shape[1]) >= null).expand_as(terms.sigma)
+            terms.sigma = torch.where(terms.keep, terms.sigma, 0.0)
+        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra)
+    terms = EigTerms(gram, target.qty.expand(len(gram), -1, -1), True, target.yy, drop_null=null)
     if not differentiable:
         return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra)
     with torch.no_grad():

@@ -35,31 +35,43 @@ from .logme import TargetStats
 from .summary import TargetView, adapted_scores, centroid_scores, own_subspace_scores
 
 DEFAULT_SHORTLIST = 32  # sources scored exactly
-DEFAULT_CANDIDATES = 512  # sources the FAISS stage hands to the approximate stage
-DEFAULT_REFINE = 128  # sources the approximate stage hands to the refining stage
-LARGE_POOL = 20_000  # from here on, the stages keep more target directions
+LARGE_POOL = 20_000  # from here on the stages pass on more sources and keep more directions
 
 
-def stage_dims(pool_size: int) -> tuple[int, int, int]:
-    """Target directions kept by (FAISS, approximate, refining) stage. A larger pool has more
-    near-ties at the top, which only finer approximations separate: at 100k a true top-5
-    source ranked ~1,300th of the exact top-3,000 by the refining score on 32 directions
-    and 5th on 128 (BENCHMARKS.md section 6). At 10k, 32 everywhere keeps the whole top-5."""
-    return (32, 32, 32) if pool_size <= LARGE_POOL else (64, 64, 128)
+@dataclass(frozen=True)
+class Plan:
+    """How many sources each stage passes on, and how many target directions it keeps."""
+
+    candidates: int  # FAISS -> approximate stage
+    refine: int  # approximate -> refining stage
+    directions: tuple[int, int, int]  # (FAISS, approximate, refining)
+
+
+def plan(pool_size: int) -> Plan:
+    """The default stages for a pool. A larger pool has more near-ties at the top, which only
+    finer approximations separate: at 100k a true top-5 source ranked ~1,300th of the exact
+    top-3,000 by the refining score on 32 directions and 5th on 128; at 10k, 32 directions
+    and 256 / 64 sources keep the whole exact top-5 (BENCHMARKS.md section 6)."""
+    if pool_size <= LARGE_POOL:
+        return Plan(candidates=256, refine=64, directions=(32, 32, 32))
+    return Plan(candidates=512, refine=128, directions=(64, 64, 128))
 
 
 def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetStats,
               allowed: np.ndarray | None, size: int = DEFAULT_SHORTLIST,
-              candidates: int = DEFAULT_CANDIDATES, refine: int = DEFAULT_REFINE,
+              candidates: int | None = None, refine: int | None = None,
               lap: Callable[[str], None] = lambda name: None):
     """The ``size`` most promising sources for a target: (ids, W, b, stage scores), where
     stage scores maps a source id to its {"prefilter_score", "approx_score"}. ``allowed``
-    restricts the search to those ids (metadata filters)."""
+    restricts the search to those ids (metadata filters); ``candidates`` and ``refine``
+    default to ``plan(pool size)``."""
     out_dim = store.manifest["out_dim"]
     view = TargetView(target)
     pool_size = store.count() if allowed is None else len(allowed)
     stage: dict[int, dict] = {}
-    faiss_k, approx_k, refine_k = stage_dims(pool_size)
+    stages = plan(pool_size)
+    candidates, refine = candidates or stages.candidates, refine or stages.refine
+    faiss_k, approx_k, refine_k = stages.directions
     if pool_size > candidates:
         ids, scores = prefilter.search(view, probe, out_dim, candidates if allowed is None else store.count(), faiss_k)
         if allowed is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 
 from .errors import IndexStoreError, InvalidESMError
 
@@ -253,7 +254,8 @@ class Store:
                 bs.append(arr[n_w:])
         if not found:
             return np.zeros(0, np.int64), np.zeros((0, out_dim, dim), np.float32), np.zeros((0, out_dim), np.float32)
-        return np.asarray(found), np.stack(ws).astype(np.float32), np.stack(bs).astype(np.float32)
+        to32 = lambda arrays: torch.from_numpy(np.stack(arrays)).float().numpy()  # noqa: E731 - 2x numpy's f16 cast
+        return np.asarray(found), to32(ws), to32(bs)
 
     def summaries(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, summary vectors) for the given ids (default: all), skipping missing ones."""

@@ -98,12 +98,14 @@ def probe_dim(width: int) -> int:
 
 def unvec(vectors: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:
     """(B, k(k+1)/2) summary vectors back to symmetric (B, k, k) float32 matrices."""
-    vectors = torch.as_tensor(vectors, dtype=torch.float32) / _vec_scale(k)
     i, j = torch.triu_indices(k, k)
     position = torch.zeros(k, k, dtype=torch.long)
     position[i, j] = torch.arange(len(i))
     position[j, i] = torch.arange(len(i))
-    return vectors[:, position.reshape(-1)].reshape(-1, k, k)
+    if isinstance(vectors, torch.Tensor):  # keeps autograd
+        return (vectors.float() / _vec_scale(k))[:, position.reshape(-1)].reshape(-1, k, k)
+    full = np.take(np.asarray(vectors, np.float32), position.reshape(-1).numpy(), axis=1)
+    return torch.from_numpy(full.reshape(-1, k, k)) / _vec_scale(k)[position]
 
 
 # ---- scores ----------------------------------------------------------------------------
@@ -175,8 +177,8 @@ def own_subspace_scores(view: TargetView, weights: np.ndarray, biases: np.ndarra
     """The refining stage: LogME on the target's own top-k directions in the full space, from
     full ESMs. Closest to the exact score, but it needs each source's whole map."""
     directions = view.directions(k)
-    w_aug = torch.cat([torch.as_tensor(weights), torch.as_tensor(biases).unsqueeze(-1)], 2).float()
-    wu = w_aug @ torch.from_numpy(directions).float()
+    p = torch.from_numpy(directions).float()
+    wu = torch.as_tensor(weights) @ p[:-1] + torch.as_tensor(biases).unsqueeze(-1) * p[-1]  # [W, b] P, no copy of W
     return subspace_scores(view.project(directions), wu.transpose(1, 2) @ wu, weights.shape[1])
 
 

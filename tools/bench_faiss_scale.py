@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_query import targets  # noqa: E402
 from esm_index.index import SourceIndex  # noqa: E402
 from esm_index.logme import TargetStats  # noqa: E402
-from esm_index.prefilter import Prefilter, stage_dims  # noqa: E402
+from esm_index.prefilter import Prefilter, plan  # noqa: E402
 from esm_index.summary import TargetView  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("pool", type=Path)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
     ap.add_argument("--targets", type=int, default=8)
-    ap.add_argument("--candidates", type=int, default=512)
+    ap.add_argument("--candidates", type=int, default=None, help="default: plan(N).candidates")
     args = ap.parse_args()
     index = SourceIndex(args.pool, readonly=True)
     base = index.prefilter()
@@ -73,12 +73,13 @@ def main() -> None:
         build = time.perf_counter() - t0
         scaled = Prefilter(base.generation, faiss.IndexPreTransform(faiss.downcast_VectorTransform(base.index.chain.at(0)), ivf),
                            base.mean)
-        directions = stage_dims(n)[0]
+        directions = plan(n).directions[0]
         times = []
         for view in views:
             for _ in range(2):
                 t0 = time.perf_counter()
-                found, _ = scaled.search(view, index.probe, index.manifest["out_dim"], args.candidates, directions)
+                found, _ = scaled.search(view, index.probe, index.manifest["out_dim"],
+                                         args.candidates or plan(n).candidates, directions)
                 times.append(time.perf_counter() - t0)
         print({"sources": n, "cells": base.ivf.nlist, "directions": directions, "add_s": round(build, 1),
                "faiss_stage_p50_s": round(float(np.median(times)), 3), "p95_s": round(float(np.percentile(times, 95)), 3),

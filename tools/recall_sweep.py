@@ -5,7 +5,7 @@ shortlist/candidates/refine settings, on a pool built by tools/bench_query.py.
 The exact scores of the whole pool are computed once (or read from --exact-cache), then each
 setting runs the default query path for every target.
 
-Usage: python tools/recall_sweep.py /tmp/esm-bench/pool-10000 32/1024/128 32/2048/256 ...
+Usage: python tools/recall_sweep.py /tmp/esm-bench/pool-10000 default 32/1024/128 32/2048/256 ...
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from esm_index.logme import TargetStats, score_esms  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("pool", type=Path)
-    ap.add_argument("settings", nargs="+", help="shortlist/candidates/refine")
+    ap.add_argument("settings", nargs="+", help="shortlist/candidates/refine, or default (prefilter.plan)")
     ap.add_argument("--targets", type=int, default=8)
     ap.add_argument("--exact-cache", type=Path, default=None, help="npz of exact scores to reuse or write")
     args = ap.parse_args()
@@ -50,7 +50,7 @@ def main() -> None:
         if args.exact_cache:
             np.savez(args.exact_cache, exact=exact, ids=ids)
     for setting in args.settings:
-        shortlist, candidates, refine = map(int, setting.split("/"))
+        shortlist, candidates, refine = (32, None, None) if setting == "default" else map(int, setting.split("/"))
         hits, latency = [], []
         for j, (_, x, y) in enumerate(tasks):
             truth = set(ids[np.argsort(-exact[j])[:5]].tolist())
