@@ -13,10 +13,12 @@ importing sentence-transformers costs ~4 s, which a CLI query should not pay.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -130,3 +132,25 @@ class Embedder:
                 pooled = self.pool(self.model(**batch), batch["attention_mask"])
                 out[idx] = pooled.float().cpu().numpy()
         return out
+
+
+def cached_embeddings(folder: Path, spec: EmbeddingSpec, texts: Sequence, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``'s embeddings of ``texts``, cached in ``folder`` by a hash of the texts and
+    the embedding spec, so a repeated query never loads the model. A damaged entry is
+    recomputed; a read-only cache only costs speed."""
+    digest = hashlib.sha256(json.dumps([spec.to_dict(), list(texts)], default=list).encode()).hexdigest()
+    path = Path(folder) / f"{digest}.npy"
+    if path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            pass
+    x = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, x)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return x

@@ -13,12 +13,9 @@ summary.py, the staged search in prefilter.py, the bytes in store.py.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -156,22 +153,10 @@ class SourceIndex:
 
     def embed(self, texts: Sequence, progress: bool = False) -> np.ndarray:
         """Embeddings of ``texts``, cached on disk by content hash + embedding spec."""
-        digest = hashlib.sha256(json.dumps([self.spec.to_dict(), list(texts)], default=list).encode()).hexdigest()
-        path = CACHE_DIR / "embeddings" / f"{digest}.npy"
-        if path.is_file():
-            try:
-                return np.load(path, allow_pickle=False)
-            except (OSError, ValueError):
-                pass  # a damaged cache entry is recomputed
-        x = self.embedder.embed(texts, progress=progress)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(tmp, x)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs speed
-        return x
+        from .embed import cached_embeddings
+
+        return cached_embeddings(CACHE_DIR / "embeddings", self.spec, texts,
+                                 lambda: self.embedder.embed(texts, progress=progress))
 
     # ---- adding and removing sources -----------------------------------------------------
     def check_esm(self, esm: ESM) -> None:
@@ -348,7 +333,9 @@ class SourceIndex:
                         exact: bool = False, filters: Filters | None = None,
                         refine: int | None = None) -> Ranking:
         """Rank from precomputed base-model embeddings (n, d) of the target."""
-        with _one_blas_thread():
+        from .logme import one_blas_thread
+
+        with one_blas_thread():
             return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
 
     def _rank_embeddings(self, x: np.ndarray, labels, task: str, top: int, shortlist: int | None,
@@ -411,33 +398,6 @@ def _source_meta(esm: ESM) -> dict:
         meta.setdefault("title", meta.pop("name"))
     meta.setdefault("task_type", "classification")
     return meta
-
-
-_blas_lock = threading.Lock()
-_blas_users = 0
-_blas_limiter = None
-
-
-@contextmanager
-def _one_blas_thread():
-    """One BLAS thread while queries run. A query is many small dense problems; with
-    OpenBLAS's threads next to torch's and numba's OpenMP threads, 2 cores were oversubscribed
-    and the 10k p50 doubled (0.35 s against 0.175 s, measured). Counted, so overlapping
-    queries from several threads restore the process's setting only when the last one ends."""
-    global _blas_users, _blas_limiter
-    from threadpoolctl import threadpool_limits
-
-    with _blas_lock:
-        if _blas_users == 0:
-            _blas_limiter = threadpool_limits(limits=1, user_api="blas")
-        _blas_users += 1
-    try:
-        yield
-    finally:
-        with _blas_lock:
-            _blas_users -= 1
-            if _blas_users == 0:
-                _blas_limiter.restore_original_limits()
 
 
 def _cuda() -> bool:

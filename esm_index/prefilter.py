@@ -8,12 +8,12 @@ only a short list of sources reaches the exact scorer.
 The FAISS stage. A source's approximate score is a smooth function f of its summary S.
 The summaries of a pool vary in few directions, so FAISS stores each as its PCA
 coordinates z (S ~ mean + sum_j z_j B_j, 64 numbers) in an IVF index whose cells are K-means
-cells in z. One linearisation of f for the whole pool was too coarse (a target's true top-5
-ranked down to 1,415th of 10k, measured); one per cell is not: a query evaluates f and its
-gradient g_c at every cell centre c (one small batched LogME with autograd) and scores each
-source by f(c) + g_c . (z - c) - an inner product with its own cell's gradient, which is
-what IVF's ``search_preassigned`` computes, cell by cell (worst rank of a true top-5: 62
-of 10k with 64 cells, BENCHMARKS.md section 6).
+cells in z. One linearisation of f for the whole pool (session 1's design) was too coarse
+for crowded pools; one per cell is not: a query evaluates f and its gradient g_c at every
+cell centre c (one small batched LogME and one backward pass) and scores each source by
+f(c) + g_c . (z - c), an inner product with its own cell's gradient, which is what IVF's
+``search_preassigned`` computes, cell by cell. Worst rank of a target's exact top-5 under
+this score: 196 of 10k, 403 of 100k (BENCHMARKS.md section 6, tools/stage_ranks.py).
 
 What the scores are and why they are accurate is in summary.py. The FAISS files are derived
 data: written atomically, tagged with the LMDB generation they were built from and

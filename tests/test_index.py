@@ -1,6 +1,5 @@
 """SourceIndex over a real LMDB store and real FAISS files, with a tiny in-process BERT."""
 
-import os
 import signal
 import subprocess
 import sys

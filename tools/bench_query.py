@@ -92,7 +92,7 @@ def run_size(n: int, root: Path, seed_index: Path, n_targets: int, queries: int,
     result["faiss_mb"] = round((folder / "prefilter.faiss").stat().st_size / 1e6, 1)
 
     tasks = targets(n_targets)
-    latencies, recalls = [], []
+    latencies = []
     index.prefilter()  # load FAISS once, as a long-lived service would
     for name, x, y in tasks:
         for _ in range(queries):
