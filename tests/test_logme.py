@@ -149,3 +149,34 @@ def test_compiled_fixed_point_equals_the_torch_loop(kernel_side):
     looped = fixed_point(lambda t, active: terms(t), terms.sigma, terms.keep, 50, 30, 4, params=True)
     for c, lp in zip(compiled, looped):
         torch.testing.assert_close(c, lp, rtol=1e-10, atol=1e-12)
+
+
+def test_one_blas_thread_restores_the_setting_after_overlapping_queries():
+    """Queries from several threads overlap in the guard; the process's BLAS thread count is
+    one inside and comes back only when the last one leaves."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from esm_index.logme import one_blas_thread
+
+    def blas_threads():
+        return sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+
+    before = blas_threads()
+    inside, release = threading.Event(), threading.Event()
+
+    def query():
+        with one_blas_thread():
+            inside.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=query)
+    worker.start()
+    inside.wait(5)
+    with one_blas_thread():
+        assert blas_threads() == [1]
+    assert blas_threads() == [1]  # the other query is still running
+    release.set()
+    worker.join()
+    assert blas_threads() == before
