@@ -221,12 +221,22 @@ def info(folder, as_json):
                 "dim": m["dim"], "esm_dtype": m["esm_dtype"], "summary_dim": m["summary_dim"],
                 "schema_version": m["schema_version"], "generation": index.store.generation(),
                 "lmdb_bytes": index.store.disk_bytes(),
-                "faiss_bytes": faiss_path.stat().st_size if faiss_path.exists() else 0}
+                "faiss_bytes": faiss_path.stat().st_size if faiss_path.exists() else 0,
+                "prefilter": _prefilter_kind(Path(folder))}
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
         for key, value in data.items():
             click.echo(f"{key}: {value}")
+
+
+def _prefilter_kind(folder: Path) -> str:
+    from .prefilter import META_FILE
+
+    try:
+        return json.loads((folder / META_FILE).read_text()).get("factory", "?")
+    except (OSError, ValueError):
+        return "missing (run 'esm-index rebuild')"
 
 
 @main.command("list")
