@@ -162,8 +162,10 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--task", type=click.Choice(["classification", "regression"]), default=None)
 @click.option("--top", type=int, default=10, show_default=True)
 @click.option("--shortlist", type=int, default=None, help="Sources scored exactly after the prefilter (default 32).")
-@click.option("--candidates", type=int, default=None, help="Sources the FAISS stage passes on (default by pool size: 256, or 512 above 20k).")
-@click.option("--refine", type=int, default=None, help="Sources the refining stage scores from full maps (default by pool size: 64, or 128 above 20k).")
+@click.option("--candidates", type=int, default=None,
+              help="Sources the FAISS stage passes on (default by pool size: 256, or 768 above 20k).")
+@click.option("--refine", type=int, default=None,
+              help="Sources the refining stage scores from full maps (default by pool size: 64, or 384 above 20k).")
 @click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter).")
 @click.option("--task-type", "f_task", default=None, help="Only sources of this task type.")
 @click.option("--language", "f_language", default=None, help="Only sources in this language.")

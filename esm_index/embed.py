@@ -134,7 +134,8 @@ class Embedder:
         return out
 
 
-def cached_embeddings(folder: Path, spec: EmbeddingSpec, texts: Sequence, compute: Callable[[], np.ndarray]) -> np.ndarray:
+def cached_embeddings(folder: Path, spec: EmbeddingSpec, texts: Sequence,
+                      compute: Callable[[], np.ndarray]) -> np.ndarray:
     """``compute()``'s embeddings of ``texts``, cached in ``folder`` by a hash of the texts and
     the embedding spec, so a repeated query never loads the model. A damaged entry is
     recomputed; a read-only cache only costs speed."""

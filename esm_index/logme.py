@@ -380,8 +380,11 @@ def one_blas_thread() -> Iterator[None]:
     """One BLAS thread while queries run. A query is many small dense problems; with
     OpenBLAS's threads next to torch's and numba's OpenMP threads, 2 cores were oversubscribed
     and the 10k p50 doubled (0.35 s against 0.175 s, measured). Counted, so overlapping
-    queries from several threads restore the process's setting only when the last one ends."""
+    queries from several threads restore the process's setting only when the last one ends.
+    (OpenBLAS builds on OpenMP keep the setting per thread: there only the first of
+    overlapping queries runs limited, which costs speed, never results.)"""
     global _blas_users, _blas_limiter
+    import scipy.linalg  # noqa: F401 - load scipy's own OpenBLAS first: only loaded libraries are limited
     from threadpoolctl import threadpool_limits
 
     with _BLAS_LOCK:
