@@ -86,7 +86,6 @@ def _reduce_feature_side(r, w_aug, z, lwork, dtrmm, dsyrk, dsytrd, dormqr, dster
     overwritten by H^T z. Returns diag (B, D), off (B, D-1), eigenvalues (B, D).
     """
     batch, m, p = w_aug.shape
-    cols = z.shape[1]
     diag = np.empty((batch, m))
     off = np.empty((batch, max(m - 1, 1)))
     sigma = np.empty((batch, m))
@@ -94,9 +93,7 @@ def _reduce_feature_side(r, w_aug, z, lwork, dtrmm, dsyrk, dsytrd, dormqr, dster
     for b in prange(batch):
         k = w_aug[b].copy()  # column-major p x m: W~^T
         a = np.zeros((m, m))  # column-major m x m
-        tau = np.empty(max(m - 1, 1))
-        work = np.empty(max(lwork, cols * 64))
-        ints = np.array([p, m, p, m, lwork, 0, m - 1, cols, m, cols * 64], dtype=np.int32)
+        ints = np.array([p, m], dtype=np.int32)
         dbl = np.array([1.0, 0.0])
         # K := R K  (op(A) = (R^T)^T with A = R^T lower, as r is C-ordered R)
         dtrmm(chars[0:].ctypes, chars[0:].ctypes, chars[1:].ctypes, chars[2:].ctypes, ints[0:].ctypes,
@@ -104,22 +101,33 @@ def _reduce_feature_side(r, w_aug, z, lwork, dtrmm, dsyrk, dsytrd, dormqr, dster
         # A := K^T K, lower triangle
         dsyrk(chars[0:].ctypes, chars[1:].ctypes, ints[1:].ctypes, ints[0:].ctypes, dbl[0:].ctypes, k.ctypes,
                ints[0:].ctypes, dbl[1:].ctypes, a.ctypes, ints[1:].ctypes)
-        d = diag[b]
-        e = np.empty(max(m - 1, 1))
-        dsytrd(chars[0:].ctypes, ints[1:].ctypes, a.ctypes, ints[3:].ctypes, d.ctypes, e.ctypes, tau.ctypes,
-                work.ctypes, ints[4:].ctypes, ints[5:].ctypes)
-        off[b] = e
-        zb = z[b]
-        if m > 1:
-            # the reflectors sit below the subdiagonal: the QR-form block A[1:, :m-1]
-            dormqr(chars[0:].ctypes, chars[1:].ctypes, ints[6:].ctypes, ints[7:].ctypes, ints[6:].ctypes,
-                    a[0, 1:].ctypes, ints[8:].ctypes, tau.ctypes, zb[0, 1:].ctypes, ints[8:].ctypes,
-                    work.ctypes, ints[9:].ctypes, ints[5:].ctypes)
-        ev = d.copy()
-        e2 = e.copy()
-        dsterf(ints[1:].ctypes, ev.ctypes, e2.ctypes, ints[5:].ctypes)
-        sigma[b] = ev
+        off[b], sigma[b] = _tridiagonalize_lower(a, z[b], lwork, diag[b], dsytrd, dormqr, dsterf)
     return diag, off, sigma
+
+
+@numba.njit(cache=True)
+def _tridiagonalize_lower(a, zb, lwork, d, dsytrd, dormqr, dsterf):  # pragma: no cover - compiled
+    """One symmetric m x m matrix a (lower triangle, column-major; overwritten): A = H T H^T
+    (dsytrd, diagonal into d), H^T z for zb (C, m) in place (dormqr), eigenvalues of T
+    (dsterf). Returns (off-diagonal of T, eigenvalues ascending)."""
+    m = a.shape[0]
+    cols = zb.shape[0]
+    chars = np.array([ord("L"), ord("T")], dtype=np.uint8)  # 'L', 'T'
+    tau = np.empty(max(m - 1, 1))
+    work = np.empty(max(lwork, cols * 64))
+    ints = np.array([m, lwork, 0, m - 1, cols, cols * 64], dtype=np.int32)
+    e = np.zeros(max(m - 1, 1))
+    dsytrd(chars[0:].ctypes, ints[0:].ctypes, a.ctypes, ints[0:].ctypes, d.ctypes, e.ctypes, tau.ctypes,
+           work.ctypes, ints[1:].ctypes, ints[2:].ctypes)
+    if m > 1:
+        # the reflectors sit below the subdiagonal: the QR-form block A[1:, :m-1]
+        dormqr(chars[0:].ctypes, chars[1:].ctypes, ints[3:].ctypes, ints[4:].ctypes, ints[3:].ctypes,
+               a[0, 1:].ctypes, ints[0:].ctypes, tau.ctypes, zb[0, 1:].ctypes, ints[0:].ctypes,
+               work.ctypes, ints[5:].ctypes, ints[2:].ctypes)
+    ev = d.copy()
+    e2 = e.copy()
+    dsterf(ints[0:].ctypes, ev.ctypes, e2.ctypes, ints[2:].ctypes)
+    return e, ev
 
 
 @numba.njit(cache=True, parallel=True)
@@ -174,28 +182,9 @@ def _reduce_symmetric(gram, z, lwork, dsytrd, dormqr, dsterf):  # pragma: no cov
     overwritten by H^T z. Returns diag (B, m), off (B, m-1), eigenvalues (B, m) ascending.
     """
     batch, m, _ = gram.shape
-    cols = z.shape[1]
     diag = np.empty((batch, m))
     off = np.empty((batch, max(m - 1, 1)))
     sigma = np.empty((batch, m))
-    chars = np.array([ord("L"), ord("T"), ord("N")], dtype=np.uint8)
     for b in prange(batch):
-        a = gram[b].copy()
-        tau = np.empty(max(m - 1, 1))
-        work = np.empty(max(lwork, cols * 64))
-        ints = np.array([0, m, 0, m, lwork, 0, m - 1, cols, m, cols * 64], dtype=np.int32)
-        d = diag[b]
-        e = np.zeros(max(m - 1, 1))
-        dsytrd(chars[0:].ctypes, ints[1:].ctypes, a.ctypes, ints[3:].ctypes, d.ctypes, e.ctypes, tau.ctypes,
-               work.ctypes, ints[4:].ctypes, ints[5:].ctypes)
-        off[b] = e
-        zb = z[b]
-        if m > 1:
-            dormqr(chars[0:].ctypes, chars[1:].ctypes, ints[6:].ctypes, ints[7:].ctypes, ints[6:].ctypes,
-                   a[0, 1:].ctypes, ints[8:].ctypes, tau.ctypes, zb[0, 1:].ctypes, ints[8:].ctypes,
-                   work.ctypes, ints[9:].ctypes, ints[5:].ctypes)
-        ev = d.copy()
-        e2 = e.copy()
-        dsterf(ints[1:].ctypes, ev.ctypes, e2.ctypes, ints[5:].ctypes)
-        sigma[b] = ev
+        off[b], sigma[b] = _tridiagonalize_lower(gram[b].copy(), z[b], lwork, diag[b], dsytrd, dormqr, dsterf)
     return diag, off, sigma
