@@ -90,7 +90,7 @@ class SourceIndex:
         """Make a new, empty index for one base model and pooling. The prefilter's probe is
         computed here from reference texts embedded with that model."""
         from .embed import Embedder
-        from .summary import join_probe, make_probe, summarize
+        from .summary import join_probe, make_probe, summary_dim
 
         if esm_dtype not in ("float16", "float32"):
             raise ValueError("esm_dtype must be float16 or float32")
@@ -104,11 +104,10 @@ class SourceIndex:
         probe_dim = min(probe_dim, dim + 1, len(texts))
         reference = make_probe(embedder.embed(texts), probe_dim)
         probe = join_probe(reference, None, probe_dim)
-        summary_dim = summarize(np.eye(dim)[None], np.zeros((1, dim)), probe).shape[1]
         folder.mkdir(parents=True, exist_ok=True)
         store = Store(folder, create=True)
         store.init({"embedding": spec.to_dict(), "model_path": str(embedder.model_path), "dim": dim,
-                    "out_dim": dim, "esm_dtype": esm_dtype, "summary_dim": summary_dim,
+                    "out_dim": dim, "esm_dtype": esm_dtype, "summary_dim": summary_dim(probe_dim),
                     "summary": f"upper triangle of U^T [W,b]^T [W,b] U; U: {probe_dim} directions, half "
                                f"principal directions of [X_ref, 1] ({len(texts)} reference texts), half "
                                f"directions of between-source variation of [W,b]^T [W,b]",
@@ -304,9 +303,6 @@ class SourceIndex:
                 problems.append(f"FAISS holds {len(faiss_ids)} sources, LMDB {len(store_ids)}")
         return problems
 
-    def _device_name(self) -> str:
-        return self._device or ("cuda" if _cuda() else "cpu")
-
     # ---- ranking ---------------------------------------------------------------------------
     def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
              shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
@@ -358,7 +354,7 @@ class SourceIndex:
             timings[name] = round(now - clock, 4)
             clock = now
 
-        device = self._device_name()
+        device = self._device or ("cuda" if _cuda() else "cpu")
         target = TargetStats.from_embeddings(x, labels, regression, device=device)
         allowed = None
         if filters:

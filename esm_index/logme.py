@@ -27,10 +27,10 @@ U^T y = P^T (Q^T y) with P the left singular vectors of K. Per source we only ne
 spectrum of a (min(r, D))^2 Gram matrix of K; n never appears again, and no mapped embedding
 set is ever materialised. The QR also picks the cheaper side of n vs d for us.
 
-Two ways to get that spectrum: ``EigTerms`` (batched eigh; the GPU path, and small or
-kernel-side problems on a CPU) and ``TridiagonalTerms`` (a tridiagonalisation, its
-eigenvalues and shifted tridiagonal solves, no eigenvectors; the CPU path for n > D, 3-4x
-cheaper there). ``fixed_point`` runs the iteration on either (compiled per pair on a CPU).
+Two ways to get that spectrum: ``EigTerms`` (batched eigh; the GPU path, maps to <= 64
+dimensions, and differentiable scores) and ``TridiagonalTerms`` (a tridiagonalisation, its
+eigenvalues and shifted tridiagonal solves, no eigenvectors; the CPU path, on either side
+of n vs D). ``fixed_point`` runs the iteration on either.
 """
 
 from __future__ import annotations

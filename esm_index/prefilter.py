@@ -27,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -129,15 +129,23 @@ class Prefilter:
         self.basis = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)  # orthonormal rows
         quantizer = faiss.downcast_index(self.ivf.quantizer)
         self.centroids = faiss.vector_to_array(quantizer.codes).view(np.float32).reshape(self.ivf.nlist, pca.d_out)
+        self.longest = max(self.ivf.invlists.list_size(i) for i in range(self.ivf.nlist))
+
+    def cells(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, PCA coordinates) of the sources in each non-empty cell."""
+        import faiss
+
+        lists, m = self.ivf.invlists, self.ivf.d
+        for i in range(self.ivf.nlist):
+            n = lists.list_size(i)
+            if n:
+                codes = faiss.rev_swig_ptr(lists.get_codes(i), n * m * 4).view(np.float32).reshape(n, m)
+                yield faiss.rev_swig_ptr(lists.get_ids(i), n).astype(np.int64), codes.copy()
 
     def ids(self) -> np.ndarray:
         """Every source id the index holds (for ``verify``)."""
-        import faiss
-
-        lists = self.ivf.invlists
-        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-                 for i in range(self.ivf.nlist) if lists.list_size(i)]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        parts = [ids for ids, _ in self.cells()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def search(self, view: TargetView, probe: np.ndarray, out_dim: int, k: int,
                directions: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +153,7 @@ class Prefilter:
         f, g = centroid_scores(view, probe, self.mean, self.basis, self.centroids, out_dim, directions)
         offset = f - (g * self.centroids).sum(1)  # score ~ f_c + g_c . (z - c)
         cells = self.ivf.nlist
-        longest = max(self.ivf.invlists.list_size(i) for i in range(cells))
-        inner, ids = self.ivf.search_preassigned(np.ascontiguousarray(g, np.float32), min(k, longest),
+        inner, ids = self.ivf.search_preassigned(np.ascontiguousarray(g, np.float32), min(k, self.longest),
                                                  np.arange(cells)[:, None], np.zeros((cells, 1), np.float32))
         scores, ids = (inner + offset[:, None]).ravel(), ids.ravel()
         valid = ids >= 0

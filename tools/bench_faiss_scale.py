@@ -31,19 +31,6 @@ from esm_index.prefilter import Prefilter, plan  # noqa: E402
 from esm_index.summary import TargetView  # noqa: E402
 
 
-def pool_coordinates(prefilter: Prefilter) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    lists, m = prefilter.ivf.invlists, prefilter.ivf.d
-    ids, coords = [], []
-    for cell in range(prefilter.ivf.nlist):
-        n = lists.list_size(cell)
-        if n:
-            ids.append(faiss.rev_swig_ptr(lists.get_ids(cell), n).copy())
-            coords.append(faiss.rev_swig_ptr(lists.get_codes(cell), n * m * 4).view(np.float32).reshape(n, m).copy())
-    return np.concatenate(ids), np.concatenate(coords)
-
-
 def main() -> None:
     import faiss
 
@@ -55,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     index = SourceIndex(args.pool, readonly=True)
     base = index.prefilter()
-    _, coords = pool_coordinates(base)
+    coords = np.concatenate([c for _, c in base.cells()])
     spread = coords.std(0)
     views = [TargetView(TargetStats.from_embeddings(x, y)) for _, x, y in targets(args.targets)]
     rng = np.random.default_rng(0)
