@@ -25,11 +25,19 @@ from .esm import ESM, fit_ridge
 
 @dataclass
 class FinetuneConfig:
-    """The paper's recipe; ``max_examples`` and ``max_length`` are the knobs for a CPU."""
+    """The paper's recipe by default. For a CPU, ``max_steps`` and ``max_length`` are the knobs.
+
+    ``max_steps`` replaces "``epochs`` passes over the sample" by a fixed number of optimizer
+    steps per task (sampling the examples in reshuffled passes, at most ``epochs`` of them when
+    ``max_steps`` is unset). A fixed step budget moves every source's space by a comparable
+    amount; a fixed number of examples barely moves small tasks and lets the many-class ones
+    become "hubs" that LogME rewards for every target (BENCHMARKS.md, "same-task retrieval").
+    """
 
     max_examples: int = 10_000  # fine-tuning sample (seeded)
     fit_examples: int = 10_000  # texts used to fit the ESM
-    epochs: int = 3
+    epochs: int = 3  # passes over the sample; with max_steps, the most passes allowed
+    max_steps: int | None = None  # fixed optimizer-step budget (None: epochs x batches)
     batch_size: int = 32
     lr: float = 2e-5
     weight_decay: float = 0.01
@@ -39,9 +47,16 @@ class FinetuneConfig:
 
 def finetune(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
              progress: bool = False):
-    """Fine-tune a copy of the base encoder with a linear head on its pooled embedding
+    """Fine-tune a copy of the embedder's encoder; returns the encoder (the head is discarded:
+    the ESM imitates the encoder)."""
+    return finetune_with_head(embedder, data, cfg, progress)[0]
+
+
+def finetune_with_head(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
+                       progress: bool = False):
+    """Fine-tune a copy of the embedder's encoder with a linear head on its pooled embedding
     (cross-entropy for classes, MSE for regression); AdamW with a linear schedule.
-    Returns the fine-tuned encoder (the head is discarded: the ESM imitates the encoder)."""
+    Returns (encoder, head), both in eval mode; the transfer benchmark predicts with the head."""
     import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -63,29 +78,50 @@ def finetune(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None 
     head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(embedder.dim, n_out)).to(device)
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(idx) // cfg.batch_size)
+    steps = planned_steps(len(idx), cfg)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     max_length = cfg.max_length or embedder.spec.max_length
     bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress, leave=False)
-    for _ in range(cfg.epochs):
-        for batch in torch.randperm(len(idx)).split(cfg.batch_size):
-            enc = embedder.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                     max_length=max_length, return_tensors="pt",
-                                     return_token_type_ids=False).to(device)
-            pooled = embedder.pool(encoder(**enc), enc["attention_mask"])
-            logits = head(pooled)
-            y = labels[batch].to(device)
-            loss = (torch.nn.functional.mse_loss(logits, y) if data.regression
-                    else torch.nn.functional.cross_entropy(logits, y))
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    for batch in _batches(len(idx), cfg.batch_size, steps):
+        enc = embedder.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                                 max_length=max_length, return_tensors="pt",
+                                 return_token_type_ids=False).to(device)
+        pooled = embedder.pool(encoder(**enc), enc["attention_mask"])
+        logits = head(pooled)
+        y = labels[batch].to(device)
+        loss = (torch.nn.functional.mse_loss(logits, y) if data.regression
+                else torch.nn.functional.cross_entropy(logits, y))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return encoder.eval()
+    return encoder.eval(), head.eval()
+
+
+def planned_steps(n_examples: int, cfg: FinetuneConfig) -> int:
+    """Optimizer steps for ``n_examples``: ``epochs`` passes, or ``max_steps`` capped at
+    ``epochs`` passes (so a tiny task is not fitted for hundreds of epochs)."""
+    if n_examples < 1:
+        raise ValueError("fine-tuning needs at least one example")
+    per_epoch = -(-n_examples // cfg.batch_size)
+    return cfg.epochs * per_epoch if cfg.max_steps is None else max(1, min(cfg.max_steps, cfg.epochs * per_epoch))
+
+
+def _batches(n: int, batch_size: int, steps: int):
+    """``steps`` batches of example indices, from reshuffled passes over ``range(n)``."""
+    import torch
+
+    done = 0
+    while done < steps:
+        for batch in torch.randperm(n).split(batch_size):
+            if done == steps:
+                return
+            yield batch
+            done += 1
 
 
 def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bool = False) -> ESM:
@@ -112,7 +148,8 @@ def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig
     esm = esm_from_models(embedder, tuned, [data.texts[i] for i in fit_idx], progress=progress)
     t2 = time.perf_counter()
     esm.meta.update({
-        "finetune": {**asdict(cfg), "examples": min(len(data), cfg.max_examples), "seconds": round(t1 - t0, 1)},
+        "finetune": {**asdict(cfg), "examples": min(len(data), cfg.max_examples),
+                     "steps": planned_steps(min(len(data), cfg.max_examples), cfg), "seconds": round(t1 - t0, 1)},
         "fit_seconds": round(t2 - t1, 1), "task_type": data.task,
         "base_model_name": embedder.spec.model_name, "embedding": embedder.spec.to_dict(),
     })

@@ -1,18 +1,25 @@
 #!/usr/bin/env python3
 """Fine-tune the base model on every prepared task and fit its ESM (the long job).
 
-Reads the tasks written by ``tools/prepare_tasks.py`` (CACHE/tasks) and, for each task,
-fine-tunes the packaged all-MiniLM-L6-v2 with the paper's recipe under CPU caps, fits the
-ESM on up to ``--fit-examples`` of the task's texts, and writes CACHE/pool/<task>/ holding
-the ESM in hfselect's format (model.safetensors + config.json with the task's metadata and
-timings). For the fidelity study it also embeds a fixed probe sample of every task with the
-fine-tuned encoder (probe_tuned.npy) - the "real fine-tuned embeddings" ESM-LogME imitates.
+For each task written by ``tools/prepare_tasks.py``:
+  1. split it (``common.split``) into source rows and held-out target rows;
+  2. fine-tune the packaged all-MiniLM-L6-v2 on the source rows with a fixed budget of
+     optimizer steps (``--steps``; the paper's AdamW recipe otherwise);
+  3. fit the ESM on up to ``--fit-examples`` source rows at the index's 128 tokens;
+  4. embed the held-out rows of ``common.FIDELITY_TARGETS`` with the fine-tuned encoder
+     (LogME on these real embeddings is what ESM-LogME imitates: tools/eval_pool.py);
+  5. keep the fine-tuned encoder (CACHE/models/<task>, safetensors) for the transfer ground
+     truth (tools/transfer_bench.py).
+Output: CACHE/pool/<task>/ with the ESM in hfselect's format plus ``fidelity.npz``; then
+``esm-index import`` makes an index of it.
 
-Resumable: a task whose folder has a DONE marker is skipped; a task interrupted mid-way is
-redone. Then ``esm-index import indexes/default CACHE/pool/*`` makes the shipped index.
+Resumable and parallel: a task with a DONE marker is skipped; each worker claims a task by
+creating CLAIM (holding its pid) and a claim whose process is gone is taken over, so several
+workers (``--threads 1`` each) share the tasks and an interrupted build redoes only the task
+it was on.
 
-Usage: python tools/build_pool.py [--cache DIR] [--max-examples 600] [--max-length 64]
-       [--epochs 3] [--fit-examples 3000] [--probe 200] [--only TASK ...]
+Usage: python tools/build_pool.py [--steps 100] [--lr 5e-5] [--max-length 64]
+       [--fit-examples 1500] [--threads N] [--only TASK ...]
 """
 
 from __future__ import annotations
@@ -27,87 +34,115 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from esm_index.data import LabelledData, encode_labels  # noqa: E402
+import common  # noqa: E402
 from esm_index.embed import Embedder  # noqa: E402
-from esm_index.finetune import FinetuneConfig, finetune_and_fit  # noqa: E402
-
-CACHE = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
-
-
-def load_task(tasks_dir: Path, task_id: str) -> tuple[LabelledData, dict]:
-    meta = json.loads((tasks_dir / f"{task_id}.meta.json").read_text())
-    rows = [json.loads(line) for line in (tasks_dir / f"{task_id}.jsonl").open(encoding="utf-8")]
-    labels, names = encode_labels([r["label"] for r in rows], "classification")
-    return LabelledData([r["text"] for r in rows], labels, "classification", names), meta
+from esm_index.esm import fit_ridge  # noqa: E402
+from esm_index.finetune import FinetuneConfig, finetune, planned_steps  # noqa: E402
 
 
-def probe_sample(data: LabelledData, size: int, seed: int = 123) -> tuple[list[str], np.ndarray]:
-    """A fixed random sample of a task (texts, labels), used as that task's fidelity target."""
-    idx = np.sort(np.random.default_rng(seed).permutation(len(data))[:size])
-    return [data.texts[i] for i in idx], data.labels[idx]
+def claim(folder: Path) -> bool:
+    """Take ``folder`` for this process unless it is done or another live process holds it."""
+    if (folder / "DONE").exists():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / "CLAIM"
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(mark.read_text() or 0), 0)
+            return False  # a live worker has it
+        except (ProcessLookupError, ValueError):
+            mark.unlink(missing_ok=True)  # its worker died: take it over
+            return claim(folder)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cache: Path) -> dict:
+    """Steps 1-5 above for one task; returns its build record."""
+    data, meta = common.load_task(tid, cache)
+    src_idx, tgt_idx = common.split(tid, len(data))
+    source = common.subset(data, src_idx)
+    t0 = time.perf_counter()
+    tuned = finetune(embedder, source, cfg)
+    t1 = time.perf_counter()
+    fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
+    fit_texts = [source.texts[i] for i in fit_idx]
+    base = common.cached_base(embedder, tid, "fit", fit_texts, cache)
+    tuned_embedder = embedder.with_model(tuned)
+    esm = fit_ridge(base, tuned_embedder.embed(fit_texts))
+    t2 = time.perf_counter()
+    fidelity = {}
+    for fid in common.FIDELITY_TARGETS:
+        fdata, _ = common.load_task(fid, cache)
+        _, f_idx = common.split(fid, len(fdata))
+        fidelity[fid] = tuned_embedder.embed([fdata.texts[i] for i in f_idx]).astype(np.float16)
+    t3 = time.perf_counter()
+    models = cache / "models" / tid
+    shutil.rmtree(models, ignore_errors=True)
+    tuned.save_pretrained(models, safe_serialization=True)
+    steps = planned_steps(len(source), cfg)
+    esm.meta.update({
+        "task_id": tid, "title": meta["name"], "language": meta["language"], "task_type": "classification",
+        "label_names": meta["label_names"], "num_examples": len(source), "held_out_target_rows": len(tgt_idx),
+        "provenance": f"{meta['source_package']}:{meta['source_path']}", "licence": meta["licence"],
+        "text_column": "text", "label_column": "label", "base_model_name": embedder.spec.model_name,
+        "embedding": embedder.spec.to_dict(),
+        "finetune": {"steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                     "max_length": cfg.max_length, "max_passes": cfg.epochs, "seed": cfg.seed,
+                     "examples_seen": steps * cfg.batch_size, "seconds": round(t1 - t0, 1)},
+        "fit_seconds": round(t2 - t1, 1), "fidelity_seconds": round(t3 - t2, 1),
+        "domain_mean": [round(float(v), 6) for v in base.mean(0)],
+    })
+    esm.save(out)
+    np.savez(out / "fidelity.npz", **fidelity)
+    return {"task": tid, "source_rows": len(source), "target_rows": len(tgt_idx), "steps": steps,
+            "finetune_s": round(t1 - t0, 1), "fit_s": round(t2 - t1, 1), "fidelity_s": round(t3 - t2, 1),
+            "total_s": round(time.perf_counter() - t0, 1), "heldout_mse": esm.meta["fit"]["heldout_mse"],
+            "identity_mse": esm.meta["fit"]["identity_mse"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", type=Path, default=CACHE)
-    ap.add_argument("--max-examples", type=int, default=600, help="fine-tuning sample per task (CPU cap)")
+    ap.add_argument("--cache", type=Path, default=common.CACHE)
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per task (batch 32)")
+    ap.add_argument("--max-passes", type=int, default=10, help="at most this many passes over a small task")
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-length", type=int, default=64, help="fine-tuning truncation (CPU cap)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--fit-examples", type=int, default=3000, help="texts used to fit each ESM")
-    ap.add_argument("--probe", type=int, default=200, help="probe texts per task for the fidelity study")
+    ap.add_argument("--fit-examples", type=int, default=1500, help="source texts used to fit each ESM")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (one per worker when several run)")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--model", type=Path, default=None, help="base model folder (default: the packaged MiniLM)")
     args = ap.parse_args()
 
-    tasks_dir, pool_dir = args.cache / "tasks", args.cache / "pool"
-    task_ids = [t["id"] for t in json.loads((tasks_dir / "index.json").read_text())]
-    if args.only:
-        task_ids = [t for t in task_ids if t in args.only]
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tids = [t for t in common.task_ids(args.cache) if not args.only or t in args.only]
     embedder = Embedder(args.model)
-    cfg = FinetuneConfig(max_examples=args.max_examples, fit_examples=args.fit_examples,
-                         epochs=args.epochs, max_length=args.max_length)
-
-    # Probe samples and their base embeddings: computed once, shared by every source.
-    probes_path = pool_dir / "_probes"
-    probes_path.mkdir(parents=True, exist_ok=True)
-    all_ids = [t["id"] for t in json.loads((tasks_dir / "index.json").read_text())]
-    probe = {}
-    for tid in all_ids:
-        probe[tid] = probe_sample(load_task(tasks_dir, tid)[0], args.probe)
-        if not (probes_path / f"{tid}.npz").exists():
-            np.savez(probes_path / f"{tid}.npz", base=embedder.embed(probe[tid][0]), labels=probe[tid][1])
-    probe_order = list(probe)
-    (probes_path / "order.json").write_text(json.dumps(probe_order))
-
-    for i, tid in enumerate(task_ids, 1):
-        out = pool_dir / tid
-        if (out / "DONE").exists():
-            print(f"[{i}/{len(task_ids)}] {tid}: done already", flush=True)
+    cfg = FinetuneConfig(max_examples=10_000, fit_examples=args.fit_examples, epochs=args.max_passes,
+                         max_steps=args.steps, lr=args.lr, max_length=args.max_length)
+    pool = args.cache / "pool"
+    log = pool / "build_log.jsonl"
+    for tid in tids:
+        out = pool / tid
+        if not claim(out):
             continue
-        shutil.rmtree(out, ignore_errors=True)
-        data, meta = load_task(tasks_dir, tid)
-        t0 = time.perf_counter()
-        esm, encoder = finetune_and_fit(embedder, data, cfg, progress=sys.stderr.isatty())
-        tuned = embedder.with_model(encoder)
-        esm.meta.update({"task_id": tid, "title": meta["name"], "language": meta["language"],
-                         "label_names": meta["label_names"], "num_examples": len(data),
-                         "provenance": f"{meta['source_package']}:{meta['source_path']}",
-                         "licence": meta["licence"], "text_column": "text", "label_column": "label"})
-        t1 = time.perf_counter()
-        probe_tuned = np.stack([tuned.embed(probe[p][0]) for p in probe_order])
-        esm.meta["probe_seconds"] = round(time.perf_counter() - t1, 1)
-        esm.meta["total_seconds"] = round(time.perf_counter() - t0, 1)
-        esm.save(out)
-        np.save(out / "probe_tuned.npy", probe_tuned.astype(np.float16))
+        try:
+            record = build_one(embedder, tid, cfg, out, args.cache)
+        except BaseException:
+            (out / "CLAIM").unlink(missing_ok=True)
+            raise
         (out / "DONE").write_text("ok\n")
-        fit = esm.meta["fit"]
-        print(f"[{i}/{len(task_ids)}] {tid}: {esm.meta['total_seconds']} s (fine-tune "
-              f"{esm.meta['finetune']['seconds']} s), fit mse {fit['heldout_mse']:.5f} vs identity "
-              f"{fit['identity_mse']:.5f}", flush=True)
+        (out / "CLAIM").unlink(missing_ok=True)
+        with open(log, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Quality of the real pool: ESM fidelity, leave-one-out rankings, prefilter recall.
+"""Quality of the built pool: same-task retrieval, ESM fidelity, hubs, float16.
 
-For each pool task as the target (its fixed probe sample from tools/build_pool.py) and
-every other task as a source:
-  * real:  LogME on the real fine-tuned model's embeddings of the target (probe_tuned.npy)
-  * esm:   ESM-LogME, the source's ESM applied to the base embeddings
-Fidelity per target: Spearman(real, esm) over the sources, and whether the top-1 / top-3
-agree. Leave-one-out: each target's top-3 sources by ESM-LogME. Recall: how many of the
-exact top-5 the approximate (summary) stage keeps in its top-k, on the real pool.
+Same-task retrieval (the cheapest honest check that each ESM carries its task): every task's
+held-out target rows (``common.split``, never fine-tuned or fitted on) are ranked against the
+whole index with the default query, as a user's target would be; the task's own source should
+come first. The three sample targets (indexes/samples) likewise, by their texts.
 
-Writes markdown tables to stdout (for BENCHMARKS.md) and JSON to --json.
+Fidelity: for each of ``common.FIDELITY_TARGETS`` (held-out rows, n = 500) and every other
+source, LogME on the real fine-tuned model's embeddings (fidelity.npz from build_pool.py)
+against ESM-LogME on the base embeddings: Spearman, top-1 agreement, top-3 overlap. The
+target's own task and its twins are left out of its source list (a target's own task is not
+a transfer candidate, and including it would flatter the agreement).
+
+Target labels are numbered densely (as a user's string labels are), so classes that happen to
+be absent from a task's held-out rows do not add all-zero columns.
+
 Usage: python tools/eval_pool.py [--index indexes/default] [--json out.json]
 """
 
@@ -18,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-CACHE = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
+
+import common  # noqa: E402
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,78 +37,116 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def dense(labels: np.ndarray) -> np.ndarray:
+    return np.unique(labels, return_inverse=True)[1]
+
+
 def main() -> None:
     import torch
 
+    from esm_index.data import load_labelled
     from esm_index.esm import ESM
     from esm_index.index import SourceIndex
     from esm_index.logme import TargetStats, logme, score_esms
-    from esm_index.summary import TargetView, adapted_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--index", type=Path, default=REPO / "indexes" / "default")
-    ap.add_argument("--pool", type=Path, default=CACHE / "pool")
+    ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
+    ap.add_argument("--pool", type=Path, default=common.CACHE / "pool")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    order = json.loads((args.pool / "_probes" / "order.json").read_text())
-    tasks = [t for t in order if (args.pool / t / "DONE").exists()]
-    probes = {t: np.load(args.pool / "_probes" / f"{t}.npz") for t in tasks}
+    index = SourceIndex(args.index, readonly=True)
+    by_task = {m["task_id"]: m["name"] for _, m in index.store.iter_meta() if "task_id" in m}
+    name_to_task = {v: k for k, v in by_task.items()}
+    tasks = [t for t in common.task_ids() if t in by_task]
+
+    # 1. Same-task retrieval through the product's own query path.
+    def position(ranking, own: str) -> int:
+        names = [name_to_task.get(r["source"], r["source"]) for r in ranking.results]
+        return names.index(own) + 1 if own in names else len(names) + 1
+
+    same, winners = [], {}
+    for tid in tasks:
+        data, _ = common.load_task(tid)
+        _, tgt = common.split(tid, len(data))
+        x = common.cached_base(index.embedder, tid, "target", [data.texts[i] for i in tgt])
+        ranking = index.rank_embeddings(x, dense(data.labels[tgt]), "classification", top=len(index))
+        first = name_to_task.get(ranking.results[0]["source"])
+        winners[first] = winners.get(first, 0) + 1
+        same.append({"target": tid, "n": len(tgt), "own_rank": position(ranking, tid), "top1": first,
+                     "margin": ranking.results[0]["score"] - ranking.results[1]["score"]})
+        print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first})", flush=True)
+    samples = []
+    from prepare_tasks import SAMPLES
+
+    for fname, own, _, _ in SAMPLES:
+        target = load_labelled(common.SAMPLES / fname, ["text"], "label")
+        ranking = index.rank(target.texts, target.labels, target.task, top=len(index))
+        samples.append({"sample": fname, "own": own, "own_rank": position(ranking, own),
+                        "top3": [name_to_task.get(r["source"]) for r in ranking.results[:3]]})
+        print(f"sample {fname}: own source #{samples[-1]['own_rank']}", flush=True)
+
+    # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
     esms = {t: ESM.load(args.pool / t) for t in tasks}
-    tuned = {s: np.load(args.pool / s / "probe_tuned.npy").astype(np.float32) for s in tasks}
     w = torch.from_numpy(np.stack([esms[t].weight for t in tasks]))
     b = torch.from_numpy(np.stack([esms[t].bias for t in tasks]))
-    index = SourceIndex(args.index, readonly=True)
-    names = {m["task_id"]: i for i, m in index.store.iter_meta()}
-    sid = np.asarray([names[t] for t in tasks])
-    _, summaries = index.store.summaries(sid)
-    _, w16, b16 = index.store.esms(sid)  # the float16 copies the index serves
-    w16, b16 = torch.from_numpy(w16), torch.from_numpy(b16)
-    f16_same_top5, f16_max_diff = 0, 0.0
-
-    fidelity, loo, recall = [], [], {k: [] for k in (5, 8, 10, 15)}
-    for ti, target in enumerate(tasks):
-        x, y = probes[target]["base"], probes[target]["labels"]
-        others = [i for i in range(len(tasks)) if i != ti]
-        stats = TargetStats.from_embeddings(x, y)
-        esm_scores = score_esms(stats, w, b)[others]
-        half = score_esms(stats, w16, b16)[others]
-        f16_same_top5 += set(np.argsort(-half)[:5]) == set(np.argsort(-esm_scores)[:5])
-        f16_max_diff = max(f16_max_diff, float(np.abs(half - esm_scores).max()))
-        real = np.asarray([logme(tuned[tasks[i]][order.index(target)], y) for i in others])
+    fidelity = []
+    for target in common.FIDELITY_TARGETS:
+        data, _ = common.load_task(target)
+        _, tgt = common.split(target, len(data))
+        y = dense(data.labels[tgt])
+        x = common.cached_base(index.embedder, target, "target", [data.texts[i] for i in tgt])
+        others = [i for i, s in enumerate(tasks) if not common.twins(s, target)]
+        esm_scores = score_esms(TargetStats.from_embeddings(x, y), w, b)[others]
+        real = np.asarray([logme(np.load(args.pool / tasks[i] / "fidelity.npz")[target].astype(np.float32), y)
+                           for i in others])
         top = lambda s, k: {others[j] for j in np.argsort(-s)[:k]}  # noqa: E731
-        fidelity.append({"target": target, "spearman": spearman(real, esm_scores),
+        fidelity.append({"target": target, "n": len(y), "spearman": spearman(real, esm_scores),
                          "top1_agree": top(real, 1) == top(esm_scores, 1),
                          "top3_overlap": len(top(real, 3) & top(esm_scores, 3)),
-                         "real_top1": tasks[next(iter(top(real, 1)))], "esm_top1": tasks[next(iter(top(esm_scores, 1)))]})
-        best = np.argsort(-esm_scores)[:3]
-        loo.append({"target": target, "top3": [(tasks[others[j]], round(float(esm_scores[j]), 4)) for j in best]})
-        approx = adapted_scores(TargetView(stats), index.probe, summaries[others], index.manifest["out_dim"])
-        truth = top(esm_scores, 5)
-        for k in recall:
-            recall[k].append(len(truth & top(approx, k)) / 5)
+                         "real_top1": tasks[min(top(real, 1))], "esm_top1": tasks[min(top(esm_scores, 1))]})
 
-    print("| target | Spearman (real vs ESM) | top-1 agrees | top-3 overlap | real top-1 | ESM top-1 |")
-    print("|---|---|---|---|---|---|")
-    for f in fidelity:
-        print(f"| {f['target']} | {f['spearman']:.2f} | {'yes' if f['top1_agree'] else 'no'} | {f['top3_overlap']}/3 "
-              f"| {f['real_top1']} | {f['esm_top1']} |")
-    print(f"| **mean** | **{np.mean([f['spearman'] for f in fidelity]):.2f}** | "
-          f"**{sum(f['top1_agree'] for f in fidelity)}/{len(fidelity)}** | "
-          f"**{np.mean([f['top3_overlap'] for f in fidelity]):.2f}/3** | | |\n")
-    print("| target | 1st | 2nd | 3rd |")
-    print("|---|---|---|---|")
-    for row in loo:
-        print(f"| {row['target']} | " + " | ".join(f"{n} ({s:+.3f})" for n, s in row["top3"]) + " |")
-    print(f"\nfloat16 vs float32 ESMs, exact mode: same top-5 set for {f16_same_top5}/{len(tasks)} targets, "
-          f"largest score change {f16_max_diff:.2g}\n")
-    print("| approximate-stage top-k | 5 | 8 | 10 | 15 |")
+    # 3. float16 (what the index serves) against float32 (the ESM folders), exact top-5.
+    sid = np.asarray([i for i, m in index.store.iter_meta() if m.get("task_id") in esms])
+    found, w16, b16 = index.store.esms(sid)
+    order16 = [index.store.metas([i])[0]["task_id"] for i in found]
+    f16_same, f16_diff = 0, 0.0
+    for tid in tasks:
+        data, _ = common.load_task(tid)
+        _, tgt = common.split(tid, len(data))
+        x = common.cached_base(index.embedder, tid, "target", [data.texts[i] for i in tgt])
+        stats = TargetStats.from_embeddings(x, dense(data.labels[tgt]))
+        s32 = dict(zip(tasks, score_esms(stats, w, b)))
+        s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
+        f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
+        f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
+
+    # Report.
+    top1 = sum(s["own_rank"] == 1 for s in same)
+    top3 = sum(s["own_rank"] <= 3 for s in same)
+    print("\n| target (held-out rows) | n | own source rank | top-1 source | top-1 margin |")
     print("|---|---|---|---|---|")
-    print("| recall of exact top-5 (mean over targets) | " + " | ".join(f"{np.mean(v):.2f}" for v in recall.values()) + " |")
+    for s in same:
+        print(f"| {s['target']} | {s['n']} | {s['own_rank']} | {s['top1']} | {s['margin']:.4f} |")
+    print(f"\nsame-task retrieval: own source top-1 for {top1}/{len(same)} tasks ({top1 / len(same):.0%}), "
+          f"top-3 for {top3}/{len(same)}")
+    print("samples: " + "; ".join(f"{s['sample']} -> own #{s['own_rank']} (top-3 {', '.join(s['top3'])})"
+                                  for s in samples))
+    print("times ranked first: " + ", ".join(f"{k} {v}" for k, v in sorted(winners.items(), key=lambda kv: -kv[1])))
+    print("\n| fidelity target | n | Spearman (real vs ESM) | top-1 agrees | top-3 overlap | real top-1 | ESM top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for f in fidelity:
+        print(f"| {f['target']} | {f['n']} | {f['spearman']:.2f} | {'yes' if f['top1_agree'] else 'no'} | "
+              f"{f['top3_overlap']}/3 | {f['real_top1']} | {f['esm_top1']} |")
+    agree = sum(f["top1_agree"] for f in fidelity)
+    print(f"| **mean** | | **{np.mean([f['spearman'] for f in fidelity]):.2f}** | **{agree}/{len(fidelity)}** | "
+          f"**{np.mean([f['top3_overlap'] for f in fidelity]):.2f}/3** | | |")
+    print(f"\nfloat16 vs float32 ESMs, exact: same top-5 for {f16_same}/{len(tasks)} targets, "
+          f"largest score change {f16_diff:.2g}")
     if args.json:
-        args.json.write_text(json.dumps({"fidelity": fidelity, "loo": loo,
-                                         "recall": {k: float(np.mean(v)) for k, v in recall.items()},
-                                         "float16_same_top5": f16_same_top5, "float16_max_diff": f16_max_diff}, indent=1))
+        args.json.write_text(json.dumps({"same_task": same, "samples": samples, "winners": winners,
+                                         "fidelity": fidelity, "float16_same_top5": f16_same,
+                                         "float16_max_diff": f16_diff}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""What the pool-building and evaluation scripts share: where the cache lives, how a prepared
+task is read, and how each task is split into disjoint *source* rows (fine-tuning and ESM
+fitting) and *target* rows (held out, used as that task's evaluation target).
+
+Scripts in tools/ import this as ``import common`` (Python puts a script's own folder first on
+``sys.path``); nothing in ``esm_index`` imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from esm_index.data import LabelledData, encode_labels
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
+SAMPLES = REPO / "indexes" / "samples"
+TARGET_ROWS = 500  # held-out target rows per task (half the task when it is smaller than 1,000)
+
+# Short-text tasks whose held-out rows every fine-tuned model embeds for the fidelity study
+# (LogME on real fine-tuned embeddings vs ESM-LogME); short texts keep that affordable on a CPU.
+FIDELITY_TARGETS = ("en_movie_sentence_polarity", "en_wikipedia_uncertainty", "en_election_tweets_author",
+                    "en_friends_speaker", "en_sms_spam", "en_health_tweet_outlet", "en_debate_party",
+                    "zh_product_review_sentiment")
+
+# Tasks built from the same texts: one must not count as "transfer" to the other.
+TWINS = {frozenset(("en_movie_sentence_polarity", "en_rotten_tomatoes")),
+         frozenset(("sl_news_comment_sentiment", "sl_news_comment_topic")),
+         frozenset(("en_reuters_r8", "en_reuters_r52"))}  # R8 is a subset of R52
+
+
+def task_ids(cache: Path = CACHE) -> list[str]:
+    """The prepared tasks, in ``prepare_tasks.py``'s order."""
+    return [t["id"] for t in json.loads((cache / "tasks" / "index.json").read_text())]
+
+
+def load_task(task_id: str, cache: Path = CACHE) -> tuple[LabelledData, dict]:
+    """A prepared task as (texts, class ids) and its metadata."""
+    tasks = cache / "tasks"
+    meta = json.loads((tasks / f"{task_id}.meta.json").read_text())
+    rows = [json.loads(line) for line in (tasks / f"{task_id}.jsonl").open(encoding="utf-8")]
+    labels, names = encode_labels([r["label"] for r in rows], "classification")
+    return LabelledData([r["text"] for r in rows], labels, "classification", names), meta
+
+
+def split(task_id: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source rows, target rows) of a task with ``n`` rows: a fixed random ``TARGET_ROWS``
+    (or half of a small task) are held out as the target and never fine-tuned or fitted on."""
+    rng = np.random.default_rng(zlib.crc32(task_id.encode()))
+    order = rng.permutation(n)
+    k = min(TARGET_ROWS, n // 2)
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def subset(data: LabelledData, idx: np.ndarray) -> LabelledData:
+    """The rows ``idx`` of ``data`` (class ids unchanged, so they stay comparable)."""
+    return LabelledData([data.texts[i] for i in idx], data.labels[idx], data.task, data.label_names)
+
+
+def twins(a: str, b: str) -> bool:
+    """True when tasks ``a`` and ``b`` are the same task or share their texts."""
+    return a == b or frozenset((a, b)) in TWINS
+
+
+def cached_base(embedder, task_id: str, part: str, texts: list[str], cache: Path = CACHE) -> np.ndarray:
+    """Base-model embeddings of one part of a task ("target", "fit"), computed once."""
+    path = cache / "base" / f"{task_id}.{part}.npy"
+    if path.is_file():
+        x = np.load(path, allow_pickle=False)
+        if len(x) == len(texts):
+            return x
+    x = embedder.embed(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, x)
+    os.replace(tmp, path)
+    return x

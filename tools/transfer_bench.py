@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Real transfer ground truth: does fine-tuning on the recommended source first help?
+
+The paper's protocol, at CPU size. For each target (a small labelled task: the three sample
+targets and held-out rows of pool tasks, ``TARGETS``), split into a small training part
+(``--train``) and a test part:
+  * fine-tune the base model on the target's training part directly (source "none"), and
+  * after intermediate fine-tuning on each candidate source (the fine-tuned encoders that
+    tools/build_pool.py keeps in CACHE/models), fine-tune on the same training part;
+then measure accuracy on the test part. Every (target, source, seed) run is one JSONL line in
+``--out``; a rerun skips the lines already there, and ``--worker i/n`` shares the runs between
+processes.
+
+``--report`` then scores four rankings of each target's candidates, all computed from the
+target's training part only: esm-index (ESM-LogME from the index), LogME on the real
+fine-tuned models' embeddings, domain similarity (cosine of mean base embeddings), and random
+(its expectation, exactly). Metrics: regret@k = (best - best of the top k) / best in %, the
+paper's definition, on seed-mean accuracy; NDCG@5 with each source's accuracy gain over the
+worst candidate as its relevance. Seed noise: the same metrics computed on each seed's
+accuracies alone, their standard deviation across seeds.
+
+Usage: python tools/transfer_bench.py [--worker 0/2] [--threads 1]
+       python tools/transfer_bench.py --report [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import common  # noqa: E402
+from esm_index.data import LabelledData, load_labelled  # noqa: E402
+
+# (name, where the rows come from); a pool task's rows are its held-out target rows.
+TARGETS = ("sample:movie_reviews.csv", "sample:sms_spam.csv", "sample:news_topics.csv",
+           "task:en_debate_party", "task:en_wikipedia_uncertainty", "task:en_election_tweets_author",
+           "task:en_movie_review_polarity", "task:en_news_article_outlet")
+OWN = {"sample:movie_reviews.csv": "en_rotten_tomatoes", "sample:sms_spam.csv": "en_sms_spam",
+       "sample:news_topics.csv": "en_bbc_news_topic"}
+# Candidate sources, in order; a target's own task and its twins are dropped, then the first
+# --sources are kept.
+SOURCES = ("en_movie_sentence_polarity", "en_sms_spam", "en_bbc_news_topic", "en_20newsgroups",
+           "en_wikipedia_uncertainty", "en_election_tweets_author", "en_parlspeech_party",
+           "en_friends_speaker", "en_health_tweet_outlet", "zh_news_sentiment", "en_email_spam",
+           "en_reuters_r8", "nl_book_review_polarity", "en_debate_party", "en_rotten_tomatoes")
+OUT = common.CACHE / "transfer" / "runs.jsonl"
+
+
+def load_target(name: str) -> LabelledData:
+    kind, what = name.split(":", 1)
+    if kind == "sample":
+        return load_labelled(common.SAMPLES / what, ["text"], "label")
+    data, _ = common.load_task(what)
+    _, tgt = common.split(what, len(data))
+    part = common.subset(data, tgt)
+    return LabelledData(part.texts, np.unique(part.labels, return_inverse=True)[1], "classification")
+
+
+def target_split(name: str, data: LabelledData, train: int) -> tuple[LabelledData, LabelledData]:
+    """A fixed split of a target into a small training part and a test part (at most 300)."""
+    order = np.random.default_rng(zlib.crc32(name.encode())).permutation(len(data))
+    tr, te = np.sort(order[:train]), np.sort(order[train:train + 300])
+    return common.subset(data, tr), common.subset(data, te)
+
+
+def candidates(name: str, k: int) -> list[str]:
+    own = OWN.get(name, name.split(":", 1)[1])
+    return [s for s in SOURCES if not common.twins(s, own)][:k]
+
+
+def run_one(embedder, target: str, source: str, seed: int, args) -> dict:
+    """Fine-tune (source's encoder, or the base) on the target's training part; test accuracy."""
+    import torch
+    from transformers import AutoModel
+
+    from esm_index.finetune import FinetuneConfig, finetune_with_head
+
+    train, test = target_split(target, load_target(target), args.train)
+    start = embedder if source == "none" else embedder.with_model(
+        AutoModel.from_pretrained(common.CACHE / "models" / source))
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=16, lr=args.lr, max_length=args.max_length, seed=seed)
+    t0 = time.perf_counter()
+    encoder, head = finetune_with_head(start, train, cfg)
+    with torch.inference_mode():
+        pooled = torch.from_numpy(embedder.with_model(encoder).embed(test.texts))
+        acc = float((head(pooled).argmax(1).numpy() == test.labels).mean())
+    return {"target": target, "source": source, "seed": seed, "acc": acc, "train": len(train),
+            "test": len(test), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run(args) -> None:
+    import torch
+
+    from esm_index.embed import EmbeddingSpec, Embedder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    done = set()
+    if args.out.is_file():
+        done = {(r["target"], r["source"], r["seed"]) for r in map(json.loads, args.out.open())}
+    me, workers = map(int, args.worker.split("/"))
+    todo = [(t, s, seed) for seed in range(args.seeds) for t in TARGETS
+            for s in ["none", *candidates(t, args.sources)]]
+    todo = [k for k in todo if k not in done and zlib.crc32(repr(k).encode()) % workers == me]
+    embedder = Embedder(spec=EmbeddingSpec(max_length=args.max_length))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for i, (t, s, seed) in enumerate(todo, 1):
+        if s != "none" and not (common.CACHE / "pool" / s / "DONE").exists():
+            continue  # not built yet: a later rerun picks it up
+        record = run_one(embedder, t, s, seed, args)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(f"[{i}/{len(todo)}] {json.dumps(record)}", flush=True)
+
+
+# ---- report --------------------------------------------------------------------------------
+def regret(perf: dict[str, float], ranking: list[str], k: int) -> float:
+    best = max(perf.values())
+    return 100 * (best - max(perf[s] for s in ranking[:k])) / best
+
+
+def random_regret(perf: dict[str, float], k: int) -> float:
+    """Expected regret@k of a uniformly random ranking: over all k-subsets, exactly."""
+    vals = sorted(perf.values())
+    m, best = len(vals), vals[-1]
+    # P(the subset's maximum is vals[i]) = C(i, k-1) / C(m, k)
+    return sum(100 * (best - v) / best * math.comb(i, k - 1) / math.comb(m, k) for i, v in enumerate(vals))
+
+
+def ndcg(perf: dict[str, float], ranking: list[str], k: int = 5) -> float:
+    low = min(perf.values())
+    rel = {s: perf[s] - low for s in perf}
+    dcg = sum(rel[s] / math.log2(i + 2) for i, s in enumerate(ranking[:k]))
+    ideal = sum(r / math.log2(i + 2) for i, r in enumerate(sorted(rel.values(), reverse=True)[:k]))
+    return dcg / ideal if ideal > 0 else 1.0
+
+
+def random_ndcg(perf: dict[str, float], k: int = 5) -> float:
+    """Expected NDCG@k of a random ranking: each source sits at each place with equal chance."""
+    low, m = min(perf.values()), len(perf)
+    rel = sorted((perf[s] - low for s in perf), reverse=True)
+    ideal = sum(r / math.log2(i + 2) for i, r in enumerate(rel[:k]))
+    expected = sum(rel) / m * sum(1 / math.log2(i + 2) for i in range(min(k, m)))
+    return expected / ideal if ideal > 0 else 1.0
+
+
+def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
+    """Each method's order of ``cands``, from the target's training part only."""
+    from transformers import AutoModel
+
+    from esm_index.esm import ESM
+    from esm_index.index import SourceIndex
+    from esm_index.logme import logme
+
+    train, _ = target_split(target, load_target(target), args.train)
+    index = SourceIndex(args.index, readonly=True)
+    x = index.embed(train.texts)
+    ranked = index.rank_embeddings(x, train.labels, "classification", top=len(index), exact=True)
+    by_task = {r["meta"].get("task_id", r["source"]): r["score"] for r in ranked.results}
+    esm = sorted(cands, key=lambda s: -by_task[s])
+    real = {}
+    for s in cands:
+        tuned = index.embedder.with_model(AutoModel.from_pretrained(common.CACHE / "models" / s))
+        real[s] = logme(tuned.embed(train.texts), train.labels)
+    mean = x.mean(0)
+    dom = {s: float(np.dot(mean, m := np.asarray(ESM.load(common.CACHE / "pool" / s).meta["domain_mean"]))
+                    / (np.linalg.norm(mean) * np.linalg.norm(m))) for s in cands}
+    return {"esm-index": esm, "LogME (fine-tuned)": sorted(cands, key=lambda s: -real[s]),
+            "domain similarity": sorted(cands, key=lambda s: -dom[s])}
+
+
+def report(args) -> None:
+    runs = [json.loads(line) for line in args.out.open()]
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        acc.setdefault((r["target"], r["source"]), []).append(r["acc"])
+    metrics = ("regret@1", "regret@3", "regret@5", "NDCG@5")
+    table: dict[str, dict[str, list[float]]] = {}
+    per_target = []
+    for target in TARGETS:
+        cands = [s for s in candidates(target, args.sources) if len(acc.get((target, s), [])) >= args.seeds]
+        if len(cands) < 5 or len(acc.get((target, "none"), [])) < args.seeds:
+            print(f"{target}: incomplete ({len(cands)} sources with all seeds), left out")
+            continue
+        orders = rankings(target, cands, args)
+        perf_by = {"mean": {s: float(np.mean(acc[(target, s)][:args.seeds])) for s in cands}}
+        for seed in range(args.seeds):
+            perf_by[seed] = {s: acc[(target, s)][seed] for s in cands}
+        base = float(np.mean(acc[(target, "none")][:args.seeds]))
+        best = max(perf_by["mean"], key=perf_by["mean"].get)
+        row = {"target": target, "none": base, "best": best, "best_acc": perf_by["mean"][best],
+               "seed_sd": float(np.mean([np.std(acc[(target, s)][:args.seeds]) for s in cands])),
+               "orders": orders}
+        for method, order in [*orders.items(), ("random", None)]:
+            for key, perf in perf_by.items():
+                vals = ([regret(perf, order, k) for k in (1, 3, 5)] + [ndcg(perf, order)] if order else
+                        [random_regret(perf, k) for k in (1, 3, 5)] + [random_ndcg(perf)])
+                for m, v in zip(metrics, vals):
+                    table.setdefault(method, {}).setdefault(f"{m}|{key}", []).append(v)
+            row[method] = order[:3] if order else None
+        per_target.append(row)
+        print(f"{target}: none {base:.3f}, best {best} {perf_by['mean'][best]:.3f}; "
+              + "; ".join(f"{m}: {', '.join(o[:3])}" for m, o in orders.items()), flush=True)
+    print(f"\n{len(per_target)} targets x {args.sources} sources x {args.seeds} seeds; mean over targets "
+          "(± sd over seeds of the same figure computed per seed)\n")
+    print("| ranking | " + " | ".join(metrics) + " |")
+    print("|---|" + "---|" * len(metrics))
+    summary = {}
+    for method, cols in table.items():
+        cells = []
+        for m in metrics:
+            mean = float(np.mean(cols[f"{m}|mean"]))
+            per_seed = [float(np.mean(cols[f"{m}|{s}"])) for s in range(args.seeds)]
+            summary.setdefault(method, {})[m] = {"mean": mean, "seed_sd": float(np.std(per_seed))}
+            cells.append(f"{mean:.2f} ± {np.std(per_seed):.2f}")
+        print(f"| {method} | " + " | ".join(cells) + " |")
+    print("\n| target | no intermediate | best source (acc) | esm-index top-3 | LogME (fine-tuned) top-3 |")
+    print("|---|---|---|---|---|")
+    for r in per_target:
+        print(f"| {r['target']} | {r['none']:.3f} | {r['best']} ({r['best_acc']:.3f}) | "
+              f"{', '.join(r['esm-index'])} | {', '.join(r['LogME (fine-tuned)'])} |")
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "targets": per_target,
+                                         "accuracy": {f"{t}|{s}": v for (t, s), v in acc.items()}}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--train", type=int, default=160, help="target training examples")
+    ap.add_argument("--sources", type=int, default=9, help="candidate sources per target")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--worker", default="0/1", help="i/n: this process runs the i-th of n shares")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    report(args) if args.report else run(args)
+
+
+if __name__ == "__main__":
+    main()
