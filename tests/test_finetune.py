@@ -45,3 +45,30 @@ def test_finetuned_model_is_imitated_by_its_esm(tiny_model):
     tuned_x = embedder.with_model(tuned).embed(texts[:50])
     assert np.mean((esm.apply(base_x) - tuned_x) ** 2) < 0.2 * np.mean((base_x - tuned_x) ** 2)
     assert esm.meta["finetune"]["examples"] == 300 and esm.meta["task_type"] == "classification"
+
+
+def test_step_budget_is_fixed_and_capped_by_passes(tiny_model):
+    """``max_steps`` gives every task the same number of optimizer steps, sampled in reshuffled
+    passes, except that a tiny task stops after ``epochs`` passes."""
+    from esm_index.finetune import _batches, finetune_with_head, planned_steps
+
+    assert planned_steps(1000, FinetuneConfig(batch_size=32, epochs=3)) == 96  # the paper's 3 epochs
+    assert planned_steps(1000, FinetuneConfig(batch_size=32, epochs=10, max_steps=100)) == 100
+    assert planned_steps(40, FinetuneConfig(batch_size=32, epochs=10, max_steps=100)) == 20  # 10 passes of 2
+    batches = list(_batches(5, 2, 7))
+    assert len(batches) == 7
+    for start in (0, 3):  # each pass covers every example once
+        assert sorted(int(i) for b in batches[start:start + 3] for i in b) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        planned_steps(0, FinetuneConfig())
+
+    texts, names = read_sample("sms_spam", 40)
+    labels, label_names = encode_labels(names, "classification")
+    embedder = Embedder(tiny_model, EmbeddingSpec("tiny", max_length=32))
+    cfg = FinetuneConfig(batch_size=8, epochs=2, max_steps=3, lr=1e-3)
+    encoder, head = finetune_with_head(embedder, LabelledData(texts, labels, "classification", label_names), cfg)
+    assert not encoder.training and not head.training
+    moved = [not np.allclose(a.detach().numpy(), b.detach().numpy())
+             for a, b in zip(encoder.parameters(), embedder.model.parameters())]
+    assert any(moved)  # a copy was trained; the base encoder is untouched
+    assert head[1].out_features == 2
