@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import common  # noqa: E402
 from esm_index.embed import Embedder  # noqa: E402
 from esm_index.esm import fit_ridge  # noqa: E402
-from esm_index.finetune import FinetuneConfig, finetune, planned_steps  # noqa: E402
+from esm_index.finetune import POOL_RECIPE, FinetuneConfig, finetune, planned_steps  # noqa: E402
 
 
 def claim(folder: Path) -> bool:
@@ -109,11 +110,12 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=common.CACHE)
-    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per task (batch 32)")
-    ap.add_argument("--max-passes", type=int, default=10, help="at most this many passes over a small task")
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--max-length", type=int, default=64, help="fine-tuning truncation (CPU cap)")
-    ap.add_argument("--fit-examples", type=int, default=1500, help="source texts used to fit each ESM")
+    r = POOL_RECIPE
+    ap.add_argument("--steps", type=int, default=r.max_steps, help="optimizer steps per task (batch 32)")
+    ap.add_argument("--max-passes", type=int, default=r.epochs, help="at most this many passes over a small task")
+    ap.add_argument("--lr", type=float, default=r.lr)
+    ap.add_argument("--max-length", type=int, default=r.max_length, help="fine-tuning truncation (CPU cap)")
+    ap.add_argument("--fit-examples", type=int, default=r.fit_examples, help="source texts used to fit each ESM")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (one per worker when several run)")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--model", type=Path, default=None, help="base model folder (default: the packaged MiniLM)")
@@ -124,8 +126,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tids = [t for t in common.task_ids(args.cache) if not args.only or t in args.only]
     embedder = Embedder(args.model)
-    cfg = FinetuneConfig(max_examples=10_000, fit_examples=args.fit_examples, epochs=args.max_passes,
-                         max_steps=args.steps, lr=args.lr, max_length=args.max_length)
+    cfg = replace(POOL_RECIPE, fit_examples=args.fit_examples, epochs=args.max_passes, max_steps=args.steps,
+                  lr=args.lr, max_length=args.max_length)
     pool = args.cache / "pool"
     log = pool / "build_log.jsonl"
     for tid in tids:

@@ -80,3 +80,18 @@ def cached_base(embedder, task_id: str, part: str, texts: list[str], cache: Path
     np.save(tmp, x)
     os.replace(tmp, path)
     return x
+
+
+def label_null_scores(x: np.ndarray, labels: np.ndarray, weights, biases, rounds: int = 3,
+                      seed: int = 0) -> np.ndarray:
+    """Each source's mean ESM-LogME on the same target texts with shuffled labels.
+
+    An experiment towards a hub-aware score: the evidence a source earns whatever the labels
+    are (a widely spread mapped space) is its score on a target whose labels carry no
+    information, so ``score - null`` keeps only what the labels add.
+    """
+    from esm_index.logme import TargetStats, score_esms
+
+    rng = np.random.default_rng(seed)
+    return np.mean([score_esms(TargetStats.from_embeddings(x, rng.permutation(labels)), weights, biases)
+                    for _ in range(rounds)], axis=0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Quality of the built pool: same-task retrieval, ESM fidelity, hubs, float16.
+"""Quality of the built pool: same-task retrieval, ESM fidelity, hubs, float16, approximate recall.
 
 Same-task retrieval (the cheapest honest check that each ESM carries its task): every task's
 held-out target rows (``common.split``, never fine-tuned or fitted on) are ranked against the
@@ -48,6 +48,7 @@ def main() -> None:
     from esm_index.esm import ESM
     from esm_index.index import SourceIndex
     from esm_index.logme import TargetStats, logme, score_esms
+    from esm_index.summary import TargetView, adapted_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
@@ -65,17 +66,25 @@ def main() -> None:
         names = [name_to_task.get(r["source"], r["source"]) for r in ranking.results]
         return names.index(own) + 1 if own in names else len(names) + 1
 
+    esms = {t: ESM.load(args.pool / t) for t in tasks}
+    w = torch.from_numpy(np.stack([esms[t].weight for t in tasks]))
+    b = torch.from_numpy(np.stack([esms[t].bias for t in tasks]))
     same, winners = [], {}
     for tid in tasks:
         data, _ = common.load_task(tid)
         _, tgt = common.split(tid, len(data))
         x = common.cached_base(index.embedder, tid, "target", [data.texts[i] for i in tgt])
-        ranking = index.rank_embeddings(x, dense(data.labels[tgt]), "classification", top=len(index))
+        y = dense(data.labels[tgt])
+        ranking = index.rank_embeddings(x, y, "classification", top=len(index))
         first = name_to_task.get(ranking.results[0]["source"])
         winners[first] = winners.get(first, 0) + 1
+        # Experiment: the same scores less each source's score for shuffled labels.
+        adjusted = score_esms(TargetStats.from_embeddings(x, y), w, b) - common.label_null_scores(x, y, w, b)
         same.append({"target": tid, "n": len(tgt), "own_rank": position(ranking, tid), "top1": first,
-                     "margin": ranking.results[0]["score"] - ranking.results[1]["score"]})
-        print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first})", flush=True)
+                     "margin": ranking.results[0]["score"] - ranking.results[1]["score"],
+                     "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
+        print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first}); "
+              f"null-adjusted #{same[-1]['own_rank_null_adjusted']}", flush=True)
     samples = []
     from prepare_tasks import SAMPLES
 
@@ -87,9 +96,6 @@ def main() -> None:
         print(f"sample {fname}: own source #{samples[-1]['own_rank']}", flush=True)
 
     # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
-    esms = {t: ESM.load(args.pool / t) for t in tasks}
-    w = torch.from_numpy(np.stack([esms[t].weight for t in tasks]))
-    b = torch.from_numpy(np.stack([esms[t].bias for t in tasks]))
     fidelity = []
     for target in common.FIDELITY_TARGETS:
         data, _ = common.load_task(target)
@@ -111,6 +117,8 @@ def main() -> None:
     found, w16, b16 = index.store.esms(sid)
     order16 = [index.store.metas([i])[0]["task_id"] for i in found]
     f16_same, f16_diff = 0, 0.0
+    _, summaries = index.store.summaries(found)
+    recall: dict[int, list[float]] = {k: [] for k in (5, 8, 10, 15)}
     for tid in tasks:
         data, _ = common.load_task(tid)
         _, tgt = common.split(tid, len(data))
@@ -120,6 +128,12 @@ def main() -> None:
         s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
         f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
         f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
+        # 4. How many of the exact top-5 the approximate (summary) stage keeps in its top-k.
+        approx = dict(zip(order16, adapted_scores(TargetView(stats), index.probe, summaries,
+                                                  index.manifest["out_dim"])))
+        truth = set(sorted(s16, key=s16.get)[-5:])
+        for k in recall:
+            recall[k].append(len(truth & set(sorted(approx, key=approx.get)[-k:])) / 5)
 
     # Report.
     top1 = sum(s["own_rank"] == 1 for s in same)
@@ -130,6 +144,9 @@ def main() -> None:
         print(f"| {s['target']} | {s['n']} | {s['own_rank']} | {s['top1']} | {s['margin']:.4f} |")
     print(f"\nsame-task retrieval: own source top-1 for {top1}/{len(same)} tasks ({top1 / len(same):.0%}), "
           f"top-3 for {top3}/{len(same)}")
+    adj1 = sum(s["own_rank_null_adjusted"] == 1 for s in same)
+    adj3 = sum(s["own_rank_null_adjusted"] <= 3 for s in same)
+    print(f"with the shuffled-label null subtracted (experiment): top-1 {adj1}/{len(same)}, top-3 {adj3}/{len(same)}")
     print("samples: " + "; ".join(f"{s['sample']} -> own #{s['own_rank']} (top-3 {', '.join(s['top3'])})"
                                   for s in samples))
     print("times ranked first: " + ", ".join(f"{k} {v}" for k, v in sorted(winners.items(), key=lambda kv: -kv[1])))
@@ -143,8 +160,12 @@ def main() -> None:
           f"**{np.mean([f['top3_overlap'] for f in fidelity]):.2f}/3** | | |")
     print(f"\nfloat16 vs float32 ESMs, exact: same top-5 for {f16_same}/{len(tasks)} targets, "
           f"largest score change {f16_diff:.2g}")
+    print("\n| approximate-stage top-k | " + " | ".join(map(str, recall)) + " |")
+    print("|---|" + "---|" * len(recall))
+    print("| recall of exact top-5 (mean over targets) | " + " | ".join(f"{np.mean(v):.2f}" for v in recall.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"same_task": same, "samples": samples, "winners": winners,
+        args.json.write_text(json.dumps({"recall": {k: float(np.mean(v)) for k, v in recall.items()},
+                                         "same_task": same, "samples": samples, "winners": winners,
                                          "fidelity": fidelity, "float16_same_top5": f16_same,
                                          "float16_max_diff": f16_diff}, indent=1))
 
