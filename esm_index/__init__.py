@@ -13,6 +13,7 @@ _EXPORTS = {
     "EmbeddingSpec": "embed", "Embedder": "embed",
     "EsmIndexError": "errors", "DataFileError": "errors", "IndexStoreError": "errors", "InvalidESMError": "errors",
     "InvalidTargetError": "errors", "ModelMismatchError": "errors", "UnsafeFileError": "errors",
+    "InvalidArgumentError": "errors", "SourceExistsError": "errors", "NoSourcesError": "errors",
     "ESM": "esm", "fit_ridge": "esm", "fit_sgd": "esm",
     "Filters": "index", "Ranking": "index", "SourceIndex": "index",
     "TargetStats": "logme", "score_esms": "logme",

@@ -136,17 +136,22 @@ def _source_name(meta: dict, path: Path, name_from: str) -> str:
 @click.option("--fit-examples", type=int, default=10_000, show_default=True, help="Texts used to fit the ESM.")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--max-length", type=int, default=None, help="Fine-tuning truncation (default: the index's).")
+@click.option("--replace", is_flag=True, help="Overwrite a source of the same name (otherwise refused).")
 @friendly
-def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, epochs, max_length):
+def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, epochs,
+        max_length, replace):
     """Fine-tune the base model on a labelled file, fit its ESM, add it as a source."""
+    from .checks import check_positive
     from .data import load_labelled
     from .finetune import FinetuneConfig
 
+    check_positive(**{"--max-examples": max_examples, "--fit-examples": fit_examples, "--epochs": epochs,
+                      "--max-length": max_length})
     data = load_labelled(data_file, text_cols, label_cols, task)
     name = name or Path(data_file).stem
     cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_length=max_length)
     with _open(folder) as index:
-        esm = index.add_dataset(data, name, cfg, progress=sys.stderr.isatty(),
+        esm = index.add_dataset(data, name, cfg, progress=sys.stderr.isatty(), replace=replace,
                                 meta={"language": language, "tags": list(tags),
                                       "provenance": str(Path(data_file).resolve())})
         index.rebuild()
@@ -177,18 +182,25 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, f_task,
          f_language, f_tags, min_size, as_json, as_csv):
     """Rank the pool's sources for a labelled target file (CSV, JSONL or Parquet)."""
+    from .checks import check_positive
     from .data import load_labelled
     from .index import DEFAULT_SHORTLIST, Filters
 
-    if any(v is not None and v < 1 for v in (top, shortlist, candidates, refine)):
-        _fail("--top, --shortlist, --candidates and --refine must be positive")
+    if as_json and as_csv:
+        _fail("--json and --csv exclude each other: pick one output format")
+    check_positive(**{"--top": top, "--shortlist": shortlist, "--candidates": candidates, "--refine": refine})
     data = load_labelled(target_file, text_cols, label_cols, task)
     filters = Filters(f_task, f_language, f_tags, min_size)
     with _open(folder or default_index_path(), readonly=True) as index:
         ranking = index.rank(data.texts, data.labels, data.task, top=top, exact=exact,
-                             shortlist=shortlist or DEFAULT_SHORTLIST, candidates=candidates,
+                             shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
                              refine=refine, filters=filters,
                              progress=sys.stderr.isatty() and not (as_json or as_csv))
+    if not ranking.pool_size:
+        _fail(f"the index {folder or default_index_path()} holds no sources (add some with 'esm-index import' or 'add')")
+    ranking.target.update({"file": str(target_file), "task_from": "--task" if task else "guessed from the labels"})
+    for line in ranking.warnings:
+        click.echo(f"warning: {line}", err=True)
     if as_json:
         click.echo(json.dumps(ranking.to_dict(), indent=2))
     elif as_csv:
@@ -274,11 +286,12 @@ def remove(folder, names):
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["hfselect"]), default="hfselect", show_default=True)
+@click.option("--force", is_flag=True, help="Write into a folder that is not empty.")
 @friendly
-def export(folder, out, fmt):
+def export(folder, out, fmt, force):
     """Write every source as an ESM folder hfselect can load."""
     with _open(folder, readonly=True) as index:
-        count = index.export(out)
+        count = index.export(out, force=force)
     click.echo(f"exported {count} ESMs to {out}")
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataFileError, InvalidTargetError
+from .errors import DataFileError, InvalidTargetError, plural
 
 TASKS = ("classification", "regression")
 
@@ -29,7 +29,7 @@ class LabelledData:
     texts: list
     labels: np.ndarray  # (n,) int class ids, or (n,) / (n, k) floats for regression
     task: str = "classification"
-    label_names: list[str] | None = None
+    label_names: list[str] | None = None  # the classes present, in class-id order
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -48,7 +48,7 @@ def read_table(path: str | os.PathLike) -> list[dict]:
     try:
         if suffix in (".csv", ".tsv"):
             with open(path, newline="", encoding="utf-8-sig") as fh:
-                return list(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+                return _checked_rows(path, csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","))
         if suffix in (".jsonl", ".ndjson"):
             with open(path, encoding="utf-8") as fh:
                 return [json.loads(line) for line in fh if line.strip()]
@@ -70,6 +70,20 @@ def read_table(path: str | os.PathLike) -> list[dict]:
     raise DataFileError(f"{path}: unknown file type {suffix!r} (use .csv, .tsv, .jsonl, .json or .parquet)")
 
 
+def _checked_rows(path: Path, reader: csv.DictReader) -> list[dict]:
+    """The rows, refusing any whose field count differs from the header's. An unterminated
+    quote swallows the rest of the file into one field, which would otherwise surface much
+    later as a puzzling "some labels are empty"."""
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():
+            fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+            raise DataFileError(f"{path}: the row ending on line {reader.line_num} has {plural(fields, 'field')}, "
+                                f"the header {len(reader.fieldnames)} (an unterminated quote or a stray delimiter?)")
+        rows.append(row)
+    return rows
+
+
 def encode_labels(values: Sequence, task: str) -> tuple[np.ndarray, list[str] | None]:
     """Class ids (and names) for classification, floats for regression."""
     if task not in TASKS:
@@ -85,9 +99,10 @@ def encode_labels(values: Sequence, task: str) -> tuple[np.ndarray, list[str] | 
     if any(v is None or (isinstance(v, str) and not v.strip()) for v in values):
         raise InvalidTargetError("some labels are empty")
     if all(_is_int(v) for v in values):
-        ids = np.asarray([int(float(v)) for v in values], dtype=np.int64)
-        if ids.min() >= 0:
-            return ids, [str(i) for i in range(ids.max() + 1)]
+        ints = [int(float(v)) for v in values]
+        if min(ints) >= 0 and max(ints) < 2 ** 62:
+            ids = np.asarray(ints, dtype=np.int64)
+            return ids, [str(i) for i in np.unique(ids)]  # the classes present, not 0..max
     names = sorted({str(v) for v in values})
     lookup = {name: i for i, name in enumerate(names)}
     return np.asarray([lookup[str(v)] for v in values], dtype=np.int64), names

@@ -28,3 +28,20 @@ class DataFileError(EsmIndexError):
 
 class IndexStoreError(EsmIndexError):
     """The index folder is missing, corrupt, or of an unknown schema."""
+
+
+class InvalidArgumentError(EsmIndexError, ValueError):
+    """An option is out of range or conflicts with another (``epochs=0``, shortlist < top...)."""
+
+
+class SourceExistsError(EsmIndexError):
+    """A source of that name is in the index already (pass ``replace`` to overwrite it)."""
+
+
+class NoSourcesError(EsmIndexError):
+    """Nothing to rank: the filters match no source of the index."""
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """'1 source', '2 sources': messages are read by people ("1 sources" reads as a bug)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"

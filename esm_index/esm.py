@@ -73,6 +73,8 @@ class ESM:
         config = {"esm_architecture": "linear", "version": HFSELECT_VERSION, **self.meta,
                   "esm_embedding_dim": self.in_dim}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        # safetensors writes its file 0600; give it the mode the umask gives config.json
+        os.chmod(folder / WEIGHTS_FILE, (folder / CONFIG_FILE).stat().st_mode & 0o777)
         return folder
 
     @classmethod

@@ -24,7 +24,9 @@ import numpy as np
 
 from .data import LabelledData
 from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, default_model_path
-from .errors import EsmIndexError, IndexStoreError, InvalidTargetError, ModelMismatchError
+from .checks import check_labels, check_positive, check_size, dense_classes
+from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
+                     SourceExistsError)
 from .esm import ESM
 from .prefilter import DEFAULT_SHORTLIST
 from .store import NewSource, Store
@@ -36,14 +38,18 @@ CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm
 
 @dataclass
 class Ranking:
-    """Best source first. ``timings`` are seconds per stage."""
+    """Best source first. ``timings`` are seconds per stage; ``target`` says what was scored
+    (examples, task, classes); ``warnings`` are reasons to trust the scores less."""
 
     results: list[dict]
     pool_size: int
     timings: dict = field(default_factory=dict)
+    target: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"results": self.results, "pool_size": self.pool_size, "timings": self.timings}
+        return {"results": self.results, "pool_size": self.pool_size, "target": self.target,
+                "warnings": self.warnings, "timings": self.timings}
 
 
 @dataclass
@@ -57,6 +63,11 @@ class Filters:
 
     def __bool__(self) -> bool:
         return bool(self.task_type or self.language or self.tags or self.min_size)
+
+    def describe(self) -> str:
+        given = {"task type": self.task_type, "language": self.language,
+                 "tags": ", ".join(self.tags), "min size": self.min_size}
+        return "; ".join(f"{k} {v}" for k, v in given.items() if v)
 
     def accepts(self, meta: dict) -> bool:
         return ((not self.task_type or meta.get("task_type") == self.task_type)
@@ -203,13 +214,30 @@ class SourceIndex:
         return self.add_esms([(name, esm)])[0] == 1
 
     def add_dataset(self, data: LabelledData, name: str, config=None, progress: bool = False,
-                    meta: dict | None = None) -> ESM:
+                    meta: dict | None = None, replace: bool = False) -> ESM:
         """Fine-tune the base model on ``data``, fit its ESM and add it (slow: minutes).
-        ``meta`` (language, tags, provenance...) is stored with the source."""
-        from .finetune import build_esm
+        ``meta`` (language, tags, provenance...) is stored with the source. Everything that
+        would make the work useless (a name already taken unless ``replace``, data a ranking
+        would refuse, a config that trains nothing) is refused before fine-tuning starts."""
+        from dataclasses import replace as with_fields
 
+        from .finetune import FinetuneConfig, build_esm
+
+        self._writable()
+        if not replace and self.store.id_of(name) is not None:
+            raise SourceExistsError(f"a source named {name!r} is in the index already "
+                                    f"(replace=True, or --replace, overwrites it)")
+        check_labels(data.labels, data.task, len(data.texts))
+        check_size(len(data), what="data set")
+        config = config or FinetuneConfig()
+        check_positive(**{f: getattr(config, f, None) for f in ("max_examples", "fit_examples", "epochs",
+                                                                "max_steps", "batch_size")})
+        if not data.regression:
+            data = with_fields(data, labels=dense_classes(data.labels))
         esm = build_esm(self.embedder, data, config, progress=progress)
         esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
+        if replace:  # only now that the new map exists
+            self.store.remove([name])
         self.add_esm(name, esm)
         return esm
 
@@ -233,9 +261,15 @@ class SourceIndex:
         meta = self.store.metas([sid])[0]
         return ESM(w[0], b[0], {k: v for k, v in meta.items() if k != "name"})
 
-    def export(self, out: str | os.PathLike) -> int:
-        """Write every source as an hfselect ESM folder under ``out``."""
+    def export(self, out: str | os.PathLike, force: bool = False) -> int:
+        """Write every source as an hfselect ESM folder under ``out``. An existing file, or a
+        folder with anything in it, is refused unless ``force`` (then same-named ESM folders
+        are overwritten and other files are left alone)."""
         out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise InvalidArgumentError(f"{out}: exists and is not a folder")
+        if not force and out.is_dir() and any(out.iterdir()):
+            raise InvalidArgumentError(f"{out}: the folder is not empty (force=True, or --force, writes into it)")
         count = 0
         for sid, meta in self.store.iter_meta():
             _, w, b = self.store.esms([sid])
@@ -309,14 +343,10 @@ class SourceIndex:
              exact: bool = False, filters: Filters | None = None, progress: bool = False,
              refine: int | None = None) -> Ranking:
         """Rank the pool's sources for a target given as texts and labels (class ids, or
-        floats for regression)."""
-        if len(texts) == 0:
-            raise InvalidTargetError("the target has no examples")
-        if len(texts) != len(labels):
-            raise InvalidTargetError(f"{len(texts)} texts but {len(labels)} labels")
-        from .logme import label_matrix
-
-        label_matrix(np.asarray(labels), task == "regression")  # fail before embedding
+        floats for regression). Bad targets are refused before the (slow) embedding."""
+        check_labels(labels, task, len(texts))
+        check_size(len(texts))
+        _check_stages(top, shortlist, exact, candidates, refine)
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
         ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
@@ -338,13 +368,14 @@ class SourceIndex:
                          candidates: int | None, exact: bool, filters: Filters | None, refine: int | None) -> Ranking:
         from .logme import TargetStats, score_esms
 
-        if task not in ("classification", "regression"):
-            raise InvalidTargetError(f"task must be classification or regression, not {task!r}")
         regression = task == "regression"
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.manifest["dim"]:
             raise ModelMismatchError(f"target embeddings have shape {x.shape}; this index needs (n, {self.manifest['dim']})")
         labels = np.asarray(labels)
+        about = check_labels(labels, task, len(x))
+        warnings = check_size(len(x), self.manifest["dim"])
+        _check_stages(top, shortlist, exact, candidates, refine)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -360,6 +391,8 @@ class SourceIndex:
         if filters:
             allowed = np.asarray([i for i, m in self.store.iter_meta() if filters.accepts(m)], np.int64)
         pool_size = self.store.count() if allowed is None else len(allowed)
+        if allowed is not None and not pool_size:
+            raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
         stage: dict[int, dict] = {}
         if exact or shortlist is None or shortlist >= pool_size:
             found, w, b = self.store.esms(self.store.ids() if allowed is None else allowed)
@@ -380,10 +413,20 @@ class SourceIndex:
         results = []
         for rank, (j, meta) in enumerate(zip(order, metas), 1):
             sid = int(found[j])
-            result = {"rank": rank, "source": meta["name"], "score": float(scores[j]), **stage.get(sid, {})}
-            result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding")}
+            result = {"rank": rank, "source": meta["name"], "score": float(scores[j]), "approx_score": None,
+                      **stage.get(sid, {})}
+            result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", "domain_mean")}
             results.append(result)
-        return Ranking(results, pool_size=pool_size, timings=timings)
+        return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings)
+
+
+def _check_stages(top: int, shortlist: int | None, exact: bool, candidates: int | None, refine: int | None) -> None:
+    """Stage sizes must be positive, and a shortlist shorter than ``top`` would silently
+    return fewer rows than asked for."""
+    check_positive(top=top, shortlist=shortlist, candidates=candidates, refine=refine)
+    if not exact and shortlist is not None and shortlist < top:
+        raise InvalidArgumentError(f"shortlist ({shortlist}) is smaller than top ({top}): only {shortlist} "
+                                   f"sources would be ranked; raise shortlist or use exact")
 
 
 def _source_meta(esm: ESM) -> dict:

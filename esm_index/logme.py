@@ -16,7 +16,8 @@ until |t_new - t| / t <= 1e-3 (at most 50 steps), and the score is the evidence 
     L = D/2 log alpha + n/2 log beta - 1/2 sum_i log(alpha + beta sigma_i)
         - beta/2 res2 - alpha/2 m2 - n/2 log(2 pi),          score = L / n,
 
-averaged over label columns (one-hot classes 0..max(label), or regression targets). All of
+averaged over label columns (one-hot classes 0..max(label), or regression targets; absent
+classes share one weighted zero column, see ``label_matrix``). All of
 this follows ``hfselect.logme`` (the paper authors' package) step for step, so the scores
 agree with theirs to ~1e-8.
 
@@ -52,10 +53,17 @@ EPS = 1e-5  # hfselect's regulariser in the alpha and beta updates
 RANK_TOL = 1e-10  # hfselect drops singular values at or below this (when n > D)
 
 
-def label_matrix(labels: np.ndarray, regression: bool) -> np.ndarray:
-    """Columns LogME regresses on: one-hot for classes 0..max (absent classes included, as
-    hfselect does), or the regression targets themselves (rounded through float32, as
-    hfselect's data loader does)."""
+def label_matrix(labels: np.ndarray, regression: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Columns LogME regresses on, and their weights in the mean over columns (None: equal).
+
+    Regression: the targets themselves (rounded through float32, as hfselect's data loader
+    does). Classification: hfselect averages over one-hot columns of classes 0..max(label),
+    absent classes included. An absent class's column is all zeros, and the evidence of a
+    zero column depends on the features alone (x = U^T y = 0, so m2 = res2 = 0 and the fixed
+    point runs on the spectrum only): every absent class has the same evidence. So we keep
+    one column per present class plus, when some class ids are absent, a single zero column
+    weighted by their count. Memory and time then grow with the number of distinct classes,
+    never with the size of the ids (labels {0, 10**8} are three columns, not 10**8 + 1)."""
     labels = np.asarray(labels)
     if labels.ndim == 0 or labels.shape[0] == 0:
         raise InvalidTargetError("the target has no examples")
@@ -67,14 +75,26 @@ def label_matrix(labels: np.ndarray, regression: bool) -> np.ndarray:
         y = y.reshape(len(y), -1)
         if not np.isfinite(y).all():
             raise InvalidTargetError("regression labels contain NaN or infinity")
-        return y
+        constant = [c for c in range(y.shape[1]) if np.ptp(y[:, c]) == 0]
+        if constant:
+            raise InvalidTargetError(f"regression label column {constant[0]} is constant "
+                                     f"({y[0, constant[0]]:g} everywhere); LogME needs labels that vary")
+        return y, None
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise InvalidTargetError("classification labels must be a 1-d array of class ids")
     if labels.min() < 0:
         raise InvalidTargetError("class ids must be >= 0")
-    if len(np.unique(labels)) < 2:
+    present, ids = np.unique(labels, return_inverse=True)
+    if len(present) < 2:
         raise InvalidTargetError("the target has a single class; LogME needs at least two")
-    return (labels[:, None] == np.arange(labels.max() + 1)[None, :]).astype(np.float64)
+    absent = int(present[-1]) + 1 - len(present)  # Python int: ids may be near 2**63
+    y = np.zeros((len(labels), len(present) + (absent > 0)), dtype=np.float64)
+    y[np.arange(len(labels)), ids.reshape(-1)] = 1.0
+    if not absent:
+        return y, None
+    weight = np.ones(y.shape[1])
+    weight[-1] = absent
+    return y, weight / (len(present) + absent)
 
 
 @dataclass
@@ -87,6 +107,7 @@ class TargetStats:
     yy: torch.Tensor  # (C,)     |y_c|^2
     n: int
     dim: int  # d, the input dimension an ESM must accept
+    weight: torch.Tensor | None = None  # (C,) column weights of the mean (absent classes), None: equal
 
     @classmethod
     def from_embeddings(
@@ -98,13 +119,14 @@ class TargetStats:
             raise InvalidTargetError(f"target embeddings must be (n, d) with n > 0, got {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise InvalidTargetError("target embeddings contain NaN or infinity")
-        y = label_matrix(labels, regression)
+        y, weight = label_matrix(labels, regression)
         if y.shape[0] != x.shape[0]:
             raise InvalidTargetError(f"{x.shape[0]} embeddings but {y.shape[0]} labels")
         xt = torch.cat([x.to(torch.float64), torch.ones(len(x), 1, dtype=torch.float64)], 1)
         q, r = torch.linalg.qr(xt.to(device), mode="reduced")
         yt = torch.as_tensor(y, device=device)
-        return cls(r=r, qty=q.T @ yt, yy=(yt * yt).sum(0), n=x.shape[0], dim=x.shape[1])
+        return cls(r=r, qty=q.T @ yt, yy=(yt * yt).sum(0), n=x.shape[0], dim=x.shape[1],
+                   weight=None if weight is None else torch.as_tensor(weight))
 
 
 def check_esm_batch(weights: torch.Tensor, biases: torch.Tensor, dim: int) -> None:
@@ -252,12 +274,12 @@ class TridiagonalTerms:
 
 
 def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim: int, columns: int,
-                extra_zeros: int = 0, params: bool = False):
+                extra_zeros: int = 0, params: bool = False, weight: torch.Tensor | None = None):
     """hfselect's fixed point for every (source, label column) at once; returns the mean
     evidence per example of each source, shape (B,) (and alpha, beta (B, C) with ``params``).
     ``terms(t, active)`` gives (m2, res2) (it may skip pairs that are no longer active: their
     values are not used). ``extra_zeros`` kept zero eigenvalues are not in ``sigma``: each
-    adds log(alpha) to log det."""
+    adds log(alpha) to log det. ``weight`` (C,): the columns' weights in the mean (None: equal)."""
     sig = sigma.unsqueeze(-1)  # (B, k, 1)
     kept = keep.unsqueeze(-1).to(sigma.dtype)
     if isinstance(terms, EigTerms) and sigma.device.type == "cpu":  # compiled, each pair stops on its own
@@ -265,7 +287,7 @@ def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim:
 
         arrays = (sigma.detach().numpy(), keep.numpy(), terms.x2.detach().numpy(), terms.res_x2.detach().numpy())
         alpha, beta, m2, res2 = map(torch.from_numpy, dense_fixed_point(*arrays, n, MAX_STEPS, RTOL, EPS))
-        score = _evidence(alpha, beta, sig, kept, m2, res2, n, out_dim, extra_zeros)
+        score = _evidence(alpha, beta, sig, kept, m2, res2, n, out_dim, extra_zeros, weight)
         return (score, alpha, beta) if params else score
     shape = (sigma.shape[0], columns)
     alpha = torch.ones(shape, dtype=sigma.dtype, device=sigma.device)
@@ -287,16 +309,20 @@ def fixed_point(terms, sigma: torch.Tensor, keep: torch.Tensor, n: int, out_dim:
         active = active & ~done
         if not active.any():
             break
-    score = _evidence(alpha, beta, sig, kept, m2, res2, n, out_dim, extra_zeros)
+    score = _evidence(alpha, beta, sig, kept, m2, res2, n, out_dim, extra_zeros, weight)
     return (score, alpha, beta) if params else score
 
 
-def _evidence(alpha, beta, sig, kept, m2, res2, n: int, out_dim: int, extra_zeros: int) -> torch.Tensor:
-    """L / n averaged over label columns (the formula in the module docstring)."""
+def _evidence(alpha, beta, sig, kept, m2, res2, n: int, out_dim: int, extra_zeros: int,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L / n averaged over label columns (the formula in the module docstring), with
+    ``weight`` when one column stands for several absent classes."""
     log_det = (kept * torch.log(alpha.unsqueeze(1) + beta.unsqueeze(1) * sig)).sum(1) + extra_zeros * torch.log(alpha)
     evidence = (out_dim / 2.0 * torch.log(alpha) + n / 2.0 * torch.log(beta) - 0.5 * log_det
                 - beta / 2.0 * res2 - alpha / 2.0 * m2 - n / 2.0 * math.log(2 * math.pi))
-    return (evidence / n).mean(1)
+    if weight is None:
+        return (evidence / n).mean(1)
+    return (evidence / n * weight.to(evidence)).sum(1)
 
 
 def score_esms(
@@ -324,11 +350,11 @@ def score_esms(
     if method == "tridiagonal":
         build = TridiagonalTerms.kernel_side if kernel_side else TridiagonalTerms.feature_side
         terms = build(target, chunks)
-        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols).numpy()
+        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, weight=target.weight).numpy()
     out = []
     for w, b in chunks:
         terms = EigTerms(*_gram(target, w, b), target.yy)
-        out.append(fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols).cpu())
+        out.append(fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, weight=target.weight).cpu())
     return torch.cat(out).numpy()
 
 
@@ -351,15 +377,15 @@ def score_grams(target: TargetStats, gram: torch.Tensor, out_dim: int, different
         if null:  # eigenvalues come sorted: the smallest ``null`` are the structural zeros
             terms.keep = (torch.arange(gram.shape[1]) >= null).expand_as(terms.sigma)
             terms.sigma = torch.where(terms.keep, terms.sigma, 0.0)
-        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra)
+        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra, weight=target.weight)
     terms = EigTerms(gram, target.qty.expand(len(gram), -1, -1), True, target.yy, drop_null=null)
     if not differentiable:
-        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra)
+        return fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra, weight=target.weight)
     with torch.no_grad():
         _, alpha, beta = fixed_point(terms, terms.sigma, terms.keep, target.n, out_dim, cols, extra, params=True)
     m2, res2 = terms(alpha / beta)
     kept = terms.keep.unsqueeze(-1).to(terms.sigma.dtype)
-    return _evidence(alpha, beta, terms.sigma.unsqueeze(-1), kept, m2, res2, target.n, out_dim, extra)
+    return _evidence(alpha, beta, terms.sigma.unsqueeze(-1), kept, m2, res2, target.n, out_dim, extra, target.weight)
 
 
 def logme(features: np.ndarray, labels: np.ndarray, regression: bool = False) -> float:

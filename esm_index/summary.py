@@ -120,6 +120,7 @@ class TargetView:
     def __init__(self, stats: TargetStats) -> None:
         self.r = stats.r.detach().cpu().to(torch.float64)
         self.qty, self.yy, self.n = stats.qty.detach().cpu(), stats.yy.detach().cpu(), stats.n
+        self.weight = None if stats.weight is None else stats.weight.detach().cpu()
         self._v = None
 
     @classmethod
@@ -140,7 +141,7 @@ class TargetView:
         p = torch.as_tensor(np.asarray(directions, np.float64))
         q2, r2 = torch.linalg.qr(torch.cat([self.r @ p, self.r[:, -1:]], 1), mode="reduced")
         k = p.shape[1]
-        return TargetStats(r=r2[:, :k], qty=q2.T @ self.qty, yy=self.yy, n=self.n, dim=k)
+        return TargetStats(r=r2[:, :k], qty=q2.T @ self.qty, yy=self.yy, n=self.n, dim=k, weight=self.weight)
 
 
 def _right_singular_vectors(r: np.ndarray, k: int) -> np.ndarray:

@@ -64,3 +64,48 @@ def random_esms(rng: np.random.Generator, count: int, dim: int, scale: float = 0
 
     return [ESM(np.eye(dim) + rng.standard_normal((dim, dim)) * scale / np.sqrt(dim),
                 rng.standard_normal(dim) * scale) for _ in range(count)]
+
+
+# ---- the CLI, through click's CliRunner ---------------------------------------------------
+@pytest.fixture
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture
+def index_dir(tmp_path, tiny_model, runner):
+    """An empty index for the tiny model, made by ``esm-index init``."""
+    from esm_index.cli import main
+
+    folder = tmp_path / "idx"
+    result = runner.invoke(main, ["init", str(folder), "--model", str(tiny_model), "--model-name", "tiny"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.fixture
+def esm_dirs(tmp_path):
+    """Twelve hfselect ESM folders for the tiny model, six "en" and six "fr"."""
+    folders = []
+    for i, esm in enumerate(random_esms(np.random.default_rng(0), 12, 32, scale=1.0)):
+        esm.meta.update({"task_id": f"task{i}", "base_model_name": "tiny", "language": "en" if i < 6 else "fr"})
+        folders.append(str(esm.save(tmp_path / "esms" / f"e{i}")))
+    return folders
+
+
+def cli_json(result):
+    """The parsed stdout of a command that succeeded."""
+    import json
+
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def one_line_error(result):
+    """The single ``error:`` line of a command refused with exit code 2 (and no traceback)."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]

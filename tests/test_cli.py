@@ -1,48 +1,10 @@
 """The CLI, driven through click's CliRunner: every command, JSON a program can parse, and
 one-line errors with exit code 2 for bad input."""
 
-import json
-
 import numpy as np
-import pytest
-from click.testing import CliRunner
 
-from conftest import SAMPLES, random_esms
+from conftest import SAMPLES, cli_json, one_line_error, random_esms
 from esm_index.cli import main
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def index_dir(tmp_path, tiny_model, runner):
-    folder = tmp_path / "idx"
-    result = runner.invoke(main, ["init", str(folder), "--model", str(tiny_model), "--model-name", "tiny"])
-    assert result.exit_code == 0, result.output
-    return folder
-
-
-@pytest.fixture
-def esm_dirs(tmp_path):
-    folders = []
-    for i, esm in enumerate(random_esms(np.random.default_rng(0), 12, 32, scale=1.0)):
-        esm.meta.update({"task_id": f"task{i}", "base_model_name": "tiny", "language": "en" if i < 6 else "fr"})
-        folders.append(str(esm.save(tmp_path / "esms" / f"e{i}")))
-    return folders
-
-
-def _json(result):
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def _one_line_error(result):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
-    return lines[0]
 
 
 def test_help_lists_the_commands(runner):
@@ -58,23 +20,23 @@ def test_import_info_list_rank_export_verify(runner, index_dir, esm_dirs, tmp_pa
     again = runner.invoke(main, ["import", str(index_dir), *esm_dirs])
     assert "imported 0, skipped 12" in again.output
 
-    info = _json(runner.invoke(main, ["info", str(index_dir), "--json"]))
+    info = cli_json(runner.invoke(main, ["info", str(index_dir), "--json"]))
     assert info["sources"] == 12 and info["model"] == "tiny" and info["esm_dtype"] == "float16"
-    listing = _json(runner.invoke(main, ["list", str(index_dir), "--json"]))
+    listing = cli_json(runner.invoke(main, ["list", str(index_dir), "--json"]))
     assert sorted(s["name"] for s in listing) == sorted(f"task{i}" for i in range(12))
 
     target = str(SAMPLES / "sms_spam.csv")
     out = runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text", "--label-col", "label",
                                "--top", "3", "--json"])
     assert out.exit_code == 0, out.output
-    ranking = _json(out)
+    ranking = cli_json(out)
     assert [r["rank"] for r in ranking["results"]] == [1, 2, 3] and ranking["pool_size"] == 12
     assert ranking["results"][0]["score"] >= ranking["results"][1]["score"] and "exact" in ranking["timings"]
 
-    exact = _json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
+    exact = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
                                             "--label-col", "label", "--top", "12", "--exact", "--json"]))
     assert exact["results"][0]["source"] == ranking["results"][0]["source"]
-    french = _json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
+    french = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
                                              "--label-col", "label", "--language", "fr", "--json"]))
     assert french["pool_size"] == 6 and all(r["meta"]["language"] == "fr" for r in french["results"])
     csv_out = runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
@@ -85,7 +47,7 @@ def test_import_info_list_rank_export_verify(runner, index_dir, esm_dirs, tmp_pa
     assert len(list((tmp_path / "out").iterdir())) == 12
     assert runner.invoke(main, ["verify", str(index_dir)]).exit_code == 0
     assert runner.invoke(main, ["remove", str(index_dir), "task0"]).exit_code == 0
-    assert _json(runner.invoke(main, ["info", str(index_dir), "--json"]))["sources"] == 11
+    assert cli_json(runner.invoke(main, ["info", str(index_dir), "--json"]))["sources"] == 11
     (index_dir / "prefilter.faiss").unlink()
     assert runner.invoke(main, ["verify", str(index_dir)]).exit_code == 1
     assert runner.invoke(main, ["rebuild", str(index_dir)]).exit_code == 0
@@ -94,20 +56,20 @@ def test_import_info_list_rank_export_verify(runner, index_dir, esm_dirs, tmp_pa
 
 def test_bad_inputs_give_one_line_and_exit_2(runner, index_dir, esm_dirs, tmp_path):
     rank = ["rank", "--index", str(index_dir), "--text-col", "text", "--label-col", "label"]
-    assert "no such file" in _one_line_error(runner.invoke(main, [rank[0], str(tmp_path / "none.csv"), *rank[1:]]))
+    assert "no such file" in one_line_error(runner.invoke(main, [rank[0], str(tmp_path / "none.csv"), *rank[1:]]))
     single = tmp_path / "single.csv"
     single.write_text("text,label\na,x\nb,x\n")
-    assert "single class" in _one_line_error(runner.invoke(main, [rank[0], str(single), *rank[1:]]))
+    assert "single class" in one_line_error(runner.invoke(main, [rank[0], str(single), *rank[1:]]))
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    assert "no rows" in _one_line_error(runner.invoke(main, [rank[0], str(empty), *rank[1:]]))
+    assert "no rows" in one_line_error(runner.invoke(main, [rank[0], str(empty), *rank[1:]]))
     words = tmp_path / "words.csv"
     words.write_text("text,label\na,high\nb,low\n")
-    assert "numbers" in _one_line_error(runner.invoke(main, [rank[0], str(words), *rank[1:], "--task", "regression"]))
+    assert "numbers" in one_line_error(runner.invoke(main, [rank[0], str(words), *rank[1:], "--task", "regression"]))
     wrong_col = runner.invoke(main, ["rank", str(single), "--index", str(index_dir), "--text-col", "body", "--label-col", "label"])
-    assert "no column 'body'" in _one_line_error(wrong_col)
+    assert "no column 'body'" in one_line_error(wrong_col)
     not_index = runner.invoke(main, ["rank", str(single), "--index", str(tmp_path), "--text-col", "text", "--label-col", "label"])
-    assert "not an esm-index index" in _one_line_error(not_index)
+    assert "not an esm-index index" in one_line_error(not_index)
 
     nan_dir = tmp_path / "nan"
     from safetensors.numpy import save_file
@@ -135,6 +97,6 @@ def test_add_fine_tunes_and_adds_a_source(runner, index_dir):
                                   "--max-examples", "64", "--fit-examples", "200", "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert "added sms" in result.output
-    (source,) = _json(runner.invoke(main, ["list", str(index_dir), "--json"]))
+    (source,) = cli_json(runner.invoke(main, ["list", str(index_dir), "--json"]))
     assert source["name"] == "sms" and source["language"] == "en" and source["tags"] == ["spam"]
     assert source["label_names"] == ["ham", "spam"] and source["num_examples"] == 300

@@ -102,7 +102,7 @@ def test_metadata_filters(index):
     _fill(index, 30)
     index.rebuild()
     texts, labels = _target()
-    ranking = index.rank(texts, labels, top=30, filters=Filters(language="de", tags=["sentiment"]), shortlist=4)
+    ranking = index.rank(texts, labels, top=4, filters=Filters(language="de", tags=["sentiment"]), shortlist=4)
     assert ranking.results and all(r["meta"]["language"] == "de" and "sentiment" in r["meta"]["tags"]
                                    for r in ranking.results)
     sizes = index.rank(texts, labels, top=30, filters=Filters(min_size=2000), exact=True)

@@ -1,6 +1,9 @@
 """The scorer: agreement with hfselect's LogME, invariances that follow from the maths,
 and refusal of bad inputs."""
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +58,42 @@ def test_absent_classes_count_like_hfselect():
     x = rng.standard_normal((80, 10)).astype(np.float32)
     labels = rng.choice([0, 3, 5], 80)  # classes 1, 2, 4 absent
     assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-8)
+
+
+@pytest.mark.parametrize("n,d", [(80, 10), (30, 40)])
+def test_sparse_class_ids_match_hfselect_with_one_column_per_present_class(n, d):
+    """hfselect averages over classes 0..max; the absent ones share one weighted zero column
+    here (both sides of n vs d), with the same score."""
+    from esm_index.logme import label_matrix
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    labels = rng.choice([0, 7, 300], n)
+    y, weight = label_matrix(labels, regression=False)
+    assert y.shape == (n, 4) and weight.sum() == pytest.approx(1.0) and weight[-1] == pytest.approx(298 / 301)
+    with contextlib.redirect_stdout(io.StringIO()):  # hfselect's LogME prints per class
+        reference = hfselect_logme.LogME().fit(x, labels)
+    assert logme(x, labels) == pytest.approx(reference, abs=1e-9)
+
+
+def test_huge_class_ids_cost_no_memory():
+    """Labels {0, 10**12}: three columns, not 10**12 + 1. The score is that of classes
+    {0, K} for every K, (e_0 + e_K + (K - 1) e_zero) / (K + 1), which two small K pin down."""
+    from esm_index.logme import label_matrix
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((60, 12))
+    picks = rng.integers(0, 2, 60)
+    assert label_matrix(picks * 10**12, False)[0].shape == (60, 3)
+    score = {k: logme(x, picks * k) for k in (10, 100, 10**12)}
+    z = (score[100] * 101 - score[10] * 11) / 90
+    a = score[10] * 11 - 9 * z
+    assert score[10**12] == pytest.approx((a + (10**12 - 1) * z) / (10**12 + 1), abs=1e-9)
+
+
+def test_constant_regression_labels_are_refused():
+    with pytest.raises(InvalidTargetError, match="constant"):
+        TargetStats.from_embeddings(np.random.default_rng(0).standard_normal((30, 4)), np.full(30, 2.5), True)
 
 
 @pytest.mark.parametrize("columns", [1, 3])
