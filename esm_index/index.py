@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .data import LabelledData
-from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, default_model_path
+from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec
 from .checks import check_labels, check_positive, check_size, dense_classes
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
@@ -80,7 +80,7 @@ class SourceIndex:
     """A persistent pool of sources (ESMs + metadata) that ranks them for a target."""
 
     def __init__(self, folder: str | os.PathLike, readonly: bool = False, device: str | None = None,
-                 model_path: str | os.PathLike | None = None) -> None:
+                 model_path: str | os.PathLike | None = None, batch_size: int = 64) -> None:
         self.folder = Path(folder)
         self.readonly = readonly
         self.store = Store(self.folder, readonly=readonly)
@@ -88,6 +88,7 @@ class SourceIndex:
         self.spec = EmbeddingSpec(**self.manifest["embedding"])
         self._device = device
         self._model_path = model_path
+        self._batch_size = batch_size
         self._lock = threading.RLock()
         self._embedder = None
         self._prefilter = None  # prefilter.Prefilter of the store's current generation
@@ -97,10 +98,16 @@ class SourceIndex:
     @classmethod
     def create(cls, folder: str | os.PathLike, model_path: str | os.PathLike | None = None,
                spec: EmbeddingSpec | None = None, esm_dtype: str = "float16", probe_dim: int = DEFAULT_PROBE_DIM,
-               reference_texts: Sequence[str] | None = None, device: str | None = None) -> "SourceIndex":
+               reference_texts: Sequence[str] | None = None, device: str | None = None,
+               batch_size: int = 64) -> "SourceIndex":
         """Make a new, empty index for one base model and pooling. The prefilter's probe is
-        computed here from reference texts embedded with that model."""
-        from .embed import Embedder
+        computed here from reference texts embedded with that model. ``model_path``: a model
+        folder or a hub name in the local cache (default: the packaged MiniLM). Without a
+        ``spec.model_name``, the model is identified (``embed.identify_model``), so that ESMs
+        made for it by its hub name fit; the folder's name is the fallback."""
+        from dataclasses import replace
+
+        from .embed import Embedder, identify_model, locate_model, resolve_model
         from .summary import join_probe, make_probe, summary_dim
 
         if esm_dtype not in ("float16", "float32"):
@@ -108,8 +115,14 @@ class SourceIndex:
         folder = Path(folder)
         if (folder / "store.lmdb").exists():
             raise IndexStoreError(f"{folder}: an index exists there already")
-        spec = spec or EmbeddingSpec()
-        embedder = Embedder(model_path, spec, device=device)
+        model_path = resolve_model(model_path) if model_path is not None else None
+        spec = spec or EmbeddingSpec(model_name="" if model_path else DEFAULT_MODEL_NAME)
+        embedder = Embedder(model_path, spec, device=device, batch_size=batch_size)
+        if not spec.model_name:
+            spec = embedder.spec = replace(spec, model_name=identify_model(embedder) or embedder.model_path.name)
+        # portable facts only: a located model by its name, any other folder relative to the index
+        relative = None if locate_model(spec.model_name) else os.path.relpath(embedder.model_path.resolve(),
+                                                                             folder.resolve())
         texts = list(reference_texts) if reference_texts else REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
         dim = embedder.dim
         probe_dim = min(probe_dim, dim + 1, len(texts))
@@ -117,7 +130,7 @@ class SourceIndex:
         probe = join_probe(reference, None, probe_dim)
         folder.mkdir(parents=True, exist_ok=True)
         store = Store(folder, create=True)
-        store.init({"embedding": spec.to_dict(), "model_path": str(embedder.model_path), "dim": dim,
+        store.init({"embedding": spec.to_dict(), "model_path": relative, "dim": dim,
                     "out_dim": dim, "esm_dtype": esm_dtype, "summary_dim": summary_dim(probe_dim),
                     "summary": f"upper triangle of U^T [W,b]^T [W,b] U; U: {probe_dim} directions, half "
                                f"principal directions of [X_ref, 1] ({len(texts)} reference texts), half "
@@ -125,7 +138,7 @@ class SourceIndex:
                     "probe_pool_fitted": False, "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
                    probe, reference)
         store.close()
-        index = cls(folder, device=device, model_path=model_path)
+        index = cls(folder, device=device, model_path=model_path, batch_size=batch_size)
         index._embedder = embedder
         index.rebuild()
         return index
@@ -148,14 +161,11 @@ class SourceIndex:
         """The base model, loaded on first use (a query with cached embeddings never loads it)."""
         with self._lock:
             if self._embedder is None:
-                from .embed import Embedder
+                from .embed import Embedder, index_model_folder, resolve_model
 
-                path = self._model_path or self.manifest.get("model_path")
-                if not path or not Path(path).is_dir():
-                    if self.spec.model_name != DEFAULT_MODEL_NAME:
-                        raise ModelMismatchError(f"base model folder {path} not found; pass model_path")
-                    path = default_model_path()
-                self._embedder = Embedder(path, self.spec, device=self._device)
+                path = (resolve_model(self._model_path) if self._model_path
+                        else index_model_folder(self.manifest, self.folder))
+                self._embedder = Embedder(path, self.spec, device=self._device, batch_size=self._batch_size)
                 if self._embedder.dim != self.manifest["dim"]:
                     raise ModelMismatchError(f"model {path} gives {self._embedder.dim}-d embeddings, "
                                              f"the index holds {self.manifest['dim']}-d ESMs")
