@@ -15,7 +15,8 @@ _EXPORTS = {
     "InvalidTargetError": "errors", "ModelMismatchError": "errors", "UnsafeFileError": "errors",
     "InvalidArgumentError": "errors", "SourceExistsError": "errors", "NoSourcesError": "errors",
     "ESM": "esm", "fit_ridge": "esm", "fit_sgd": "esm",
-    "Filters": "index", "Ranking": "index", "SourceIndex": "index",
+    "Filters": "results", "Ranking": "results", "SourceIndex": "index",
+    "Client": "client", "ServiceError": "client",
     "TargetStats": "logme", "score_esms": "logme",
 }
 __all__ = sorted(_EXPORTS)

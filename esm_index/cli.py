@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from functools import wraps
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import click
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in CLI output
+_command_started = time.perf_counter()  # reset when a command starts; see _command_seconds
 
 CHECKOUT_POOL = Path(__file__).resolve().parent.parent / "indexes" / "default"  # a source checkout
 PACKAGED_POOL = Path(__file__).resolve().parent / "default_pool"  # the wheel's copy (pyproject.toml)
@@ -68,6 +70,24 @@ def default_index_path() -> Path:
 def main() -> None:
     """Rank public source datasets for intermediate-task transfer to your target task
     (ESM-LogME, Schulte et al., EMNLP 2024), from a vector-index-backed pool."""
+    global _command_started
+    _command_started = time.perf_counter()
+
+
+def _command_seconds() -> float:
+    """Wall seconds of this command, start-up included. When this process is the command
+    (the console script, or python -m esm_index.cli) that is its whole age, interpreter and
+    imports too; inside a host process (a test's CliRunner), the time since the command began."""
+    since_command = time.perf_counter() - _command_started
+    if Path(sys.argv[0]).name not in ("esm-index", "cli.py"):
+        return since_command
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = float(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            return max(float(fh.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK"), since_command)
+    except (OSError, ValueError, IndexError):
+        return since_command
 
 
 @main.command()
@@ -190,28 +210,42 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--min-size", type=int, default=None, help="Only sources with at least this many examples.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
+@click.option("--server", envvar="ESM_INDEX_SERVER", default=None, metavar="URL",
+              help="Send the query to a running 'esm-index serve' (env ESM_INDEX_SERVER; token from "
+                   "ESM_INDEX_TOKEN); --index then names a served index or its folder.")
 @friendly
 def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, f_task,
-         f_language, f_tags, min_size, as_json, as_csv):
-    """Rank the pool's sources for a labelled target file (CSV, JSONL or Parquet)."""
-    from .checks import check_positive
-    from .data import load_labelled
-    from .index import DEFAULT_SHORTLIST, Filters
+         f_language, f_tags, min_size, as_json, as_csv, server):
+    """Rank the pool's sources for a labelled target file (CSV, TSV, JSONL, JSON or Parquet)."""
+    from .results import DEFAULT_SHORTLIST, Filters
 
     if as_json and as_csv:
         _fail("--json and --csv exclude each other: pick one output format")
-    check_positive(**{"--top": top, "--shortlist": shortlist, "--candidates": candidates, "--refine": refine})
-    data = load_labelled(target_file, text_cols, label_cols, task)
-    filters = Filters(f_task, f_language, f_tags, min_size)
-    folder = folder or default_index_path()
-    with _open(folder, readonly=True) as index:
-        ranking = index.rank(data.texts, data.labels, data.task, top=top, exact=exact,
-                             shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
-                             refine=refine, filters=filters,
-                             progress=sys.stderr.isatty() and not (as_json or as_csv))
+    options = dict(top=top, exact=exact, shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
+                   refine=refine, filters=Filters(f_task, f_language, f_tags, min_size))
+    startup = _command_seconds()
+    if server:
+        ranking = _rank_remote(server, folder, target_file, text_cols, label_cols, task, options)
+    else:
+        from .checks import check_positive
+        from .data import load_labelled
+
+        check_positive(**{"--top": top, "--shortlist": shortlist, "--candidates": candidates, "--refine": refine})
+        data = load_labelled(target_file, text_cols, label_cols, task)
+        folder = folder or default_index_path()
+        with _open(folder, readonly=True) as index:
+            ranking = index.rank(data.texts, data.labels, data.task,
+                                 progress=sys.stderr.isatty() and not (as_json or as_csv), **options)
     if not ranking.pool_size:
-        _fail(f"the index {folder} holds no sources (add some with 'esm-index import' or 'add')")
+        _fail(f"the index {folder or 'served'} holds no sources (add some with 'esm-index import' or 'add')")
     ranking.target.update({"file": str(target_file), "task_from": "--task" if task else "guessed from the labels"})
+    if not task and ranking.target.get("task") == "regression":
+        ranking.warnings.insert(0, "the labels are numbers with fractions, so they were taken as regression "
+                                   "targets (--task classification overrides)")
+    total = _command_seconds()  # the whole command: start-up, reading, the query (or its round trip)
+    ranking.timings = {"startup": round(startup, 4), **ranking.timings,
+                       "other": round(max(total - startup - sum(ranking.timings.values()), 0.0), 4),
+                       "total": round(total, 4)}
     for line in ranking.warnings:
         click.echo(f"warning: {line}", err=True)
     if as_json:
@@ -225,12 +259,53 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
             writer.writerow([r["rank"], r["source"], f"{r['score']:.6f}", r.get("approx_score", ""),
                              r["meta"].get("language", ""), r["meta"].get("num_examples", "")])
     else:
-        click.echo(f"{len(data)} target examples, {ranking.pool_size} sources, "
-                   f"{sum(ranking.timings.values()):.2f} s")
+        click.echo(f"{ranking.target['examples']} target examples, {ranking.pool_size} sources, "
+                   f"{ranking.timings['total']:.2f} s")
         click.echo(f"{'rank':>4}  {'score':>9}  source")
         for r in ranking.results:
             extra = ", ".join(str(v) for v in (r["meta"].get("title"), r["meta"].get("language")) if v)
             click.echo(f"{r['rank']:>4}  {r['score']:>9.4f}  {r['source']}" + (f"  ({extra})" if extra else ""))
+
+
+def _rank_remote(url: str, folder, target_file, text_cols, label_cols, task, options: dict):
+    """The same query, sent to a running server: the file is read here (no numpy, no torch),
+    the labels are encoded there exactly as load_labelled encodes them."""
+    from .client import Client
+    from .tables import read_target
+
+    texts, columns = read_target(target_file, text_cols, label_cols)
+    labels = columns[0] if len(columns) == 1 else [list(row) for row in zip(*columns)]
+    return Client(url, index=str(folder) if folder else None).rank(texts, labels, task, **options)
+
+
+@main.command()
+@click.option("--index", "indexes", multiple=True, metavar="[NAME=]DIR",
+              help="An index to serve (repeatable; default: the shipped pool, as 'default').")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --token.")
+@click.option("--port", type=int, default=8765, show_default=True)
+@click.option("--token", envvar="ESM_INDEX_TOKEN", default=None,
+              help="Bearer token clients must send (env ESM_INDEX_TOKEN, which keeps it out of 'ps').")
+@click.option("--workers", type=int, default=2, show_default=True, help="Queries computed at once; more wait.")
+@click.option("--max-body-mb", type=float, default=64.0, show_default=True)
+@click.option("--max-rows", type=int, default=20_000, show_default=True, help="Rows per target.")
+@click.option("--max-targets", type=int, default=64, show_default=True, help="Targets per request.")
+@click.option("--no-warm", is_flag=True, help="Skip loading the model and compiling kernels before serving.")
+@friendly
+def serve(indexes, host, port, token, workers, max_body_mb, max_rows, max_targets, no_warm):
+    """Serve indexes over HTTP with JSON, keeping the model and prefilters warm (see server.py)."""
+    from .checks import check_positive
+    from .server import Limits, serve as run_server
+
+    check_positive(**{"--workers": workers, "--max-rows": max_rows, "--max-targets": max_targets,
+                      "--max-body-mb": max_body_mb})
+    folders = {}
+    for spec in indexes or [f"default={default_index_path()}"]:
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if not (Path(path) / "store.lmdb").exists():
+            _fail(f"{path}: not an index folder (no store.lmdb)")
+        folders[name] = Path(path)
+    run_server(folders, host, port, token, Limits(max_body_mb, max_rows, max_targets, workers), warm=not no_warm)
 
 
 @main.command()

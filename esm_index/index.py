@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -28,52 +27,12 @@ from .checks import check_labels, check_positive, check_size, dense_classes
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
-from .prefilter import DEFAULT_SHORTLIST
+from .results import DEFAULT_SHORTLIST, Filters, Ranking  # apart, so client.py builds them without numpy
 from .store import NewSource, Store
 from .summary import DEFAULT_PROBE_DIM
 
 REFERENCE_TEXTS = Path(__file__).with_name("reference_texts.txt")
 CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
-
-
-@dataclass
-class Ranking:
-    """Best source first. ``timings`` are seconds per stage; ``target`` says what was scored
-    (examples, task, classes); ``warnings`` are reasons to trust the scores less."""
-
-    results: list[dict]
-    pool_size: int
-    timings: dict = field(default_factory=dict)
-    target: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"results": self.results, "pool_size": self.pool_size, "target": self.target,
-                "warnings": self.warnings, "timings": self.timings}
-
-
-@dataclass
-class Filters:
-    """Metadata filters; a source passes when every given field matches."""
-
-    task_type: str | None = None
-    language: str | None = None
-    tags: Sequence[str] = ()
-    min_size: int | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.task_type or self.language or self.tags or self.min_size)
-
-    def describe(self) -> str:
-        given = {"task type": self.task_type, "language": self.language,
-                 "tags": ", ".join(self.tags), "min size": self.min_size}
-        return "; ".join(f"{k} {v}" for k, v in given.items() if v)
-
-    def accepts(self, meta: dict) -> bool:
-        return ((not self.task_type or meta.get("task_type") == self.task_type)
-                and (not self.language or meta.get("language") == self.language)
-                and all(t in meta.get("tags", []) for t in self.tags)
-                and (not self.min_size or (meta.get("num_examples") or 0) >= self.min_size))
 
 
 class SourceIndex:

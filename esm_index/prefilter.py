@@ -32,9 +32,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .logme import TargetStats
+from .results import DEFAULT_SHORTLIST
 from .summary import TargetView, adapted_scores, centroid_scores, own_subspace_scores
 
-DEFAULT_SHORTLIST = 32  # sources scored exactly
 LARGE_POOL = 20_000  # from here on the stages pass on more sources and keep more directions
 
 
