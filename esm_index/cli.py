@@ -15,10 +15,15 @@ from pathlib import Path
 
 import click
 
+from .display import Group, info_lines, model_options, show_progress, source_table, target_kind
+from .errors import plural
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in CLI output
 _command_started = time.perf_counter()  # reset when a command starts; see _command_seconds
+
+show_progress()  # slow steps print a line on stderr, in a terminal or not
 
 CHECKOUT_POOL = Path(__file__).resolve().parent.parent / "indexes" / "default"  # a source checkout
 PACKAGED_POOL = Path(__file__).resolve().parent / "default_pool"  # the wheel's copy (pyproject.toml)
@@ -44,10 +49,12 @@ def friendly(fn):
     return wrapper
 
 
-def _open(folder, readonly: bool = False):
+def _open(folder, readonly: bool = False, device: str | None = None, batch_size: int = 64):
+    from .checks import check_positive
     from .index import SourceIndex
 
-    return SourceIndex(folder, readonly=readonly)
+    check_positive(**{"--batch-size": batch_size})
+    return SourceIndex(folder, readonly=readonly, device=device, batch_size=batch_size)
 
 
 def default_index_path() -> Path:
@@ -65,7 +72,7 @@ def default_index_path() -> Path:
                           f"pass --index DIR or set ESM_INDEX_DEFAULT")
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="esm-index")
 def main() -> None:
     """Rank public source datasets for intermediate-task transfer to your target task
@@ -103,14 +110,18 @@ def _command_seconds() -> float:
 @click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--probe-dim", type=int, default=128, show_default=True,
               help="Prefilter summary size k (k(k+1)/2 floats; capped at d+1).")
+@model_options
 @friendly
-def init(folder, model_path, model_name, pooling, normalize, max_length, esm_dtype, probe_dim):
+def init(folder, model_path, model_name, pooling, normalize, max_length, esm_dtype, probe_dim, device, batch_size):
     """Create an empty index for one base model and pooling."""
+    from .checks import check_positive
     from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec
     from .index import SourceIndex
 
     spec = EmbeddingSpec(model_name or ("" if model_path else DEFAULT_MODEL_NAME), pooling, normalize, max_length)
-    with SourceIndex.create(folder, model_path, spec, esm_dtype=esm_dtype, probe_dim=probe_dim) as index:
+    check_positive(**{"--batch-size": batch_size, "--max-length": max_length, "--probe-dim": probe_dim})
+    with SourceIndex.create(folder, model_path, spec, esm_dtype=esm_dtype, probe_dim=probe_dim, device=device,
+                            batch_size=batch_size) as index:
         click.echo(f"created {folder} for {index.spec.model_name} ({index.manifest['dim']}-d, {pooling} pooling)")
 
 
@@ -135,7 +146,7 @@ def import_(folder, esm_folders, name_from):
                 esm = ESM.load(path)
                 index.check_esm(esm)
             except EsmIndexError as exc:
-                failures.append(f"{path}: {exc}")
+                failures.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")  # once, not twice
                 continue
             yield _source_name(esm.meta, Path(path), name_from), esm
 
@@ -169,9 +180,10 @@ def _source_name(meta: dict, path: Path, name_from: str) -> str:
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--max-length", type=int, default=None, help="Fine-tuning truncation (default: the index's).")
 @click.option("--replace", is_flag=True, help="Overwrite a source of the same name (otherwise refused).")
+@model_options
 @friendly
 def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, epochs,
-        max_length, replace):
+        max_length, replace, device, batch_size):
     """Fine-tune the base model on a labelled file, fit its ESM, add it as a source."""
     from .checks import check_positive
     from .data import load_labelled
@@ -182,7 +194,7 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
     data = load_labelled(data_file, text_cols, label_cols, task)
     name = name or Path(data_file).stem
     cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_length=max_length)
-    with _open(folder) as index:
+    with _open(folder, device=device, batch_size=batch_size) as index:
         esm = index.add_dataset(data, name, cfg, progress=sys.stderr.isatty(), replace=replace,
                                 meta={"language": language, "tags": list(tags),
                                       "provenance": str(Path(data_file).resolve())})
@@ -213,9 +225,10 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--server", envvar="ESM_INDEX_SERVER", default=None, metavar="URL",
               help="Send the query to a running 'esm-index serve' (env ESM_INDEX_SERVER; token from "
                    "ESM_INDEX_TOKEN); --index then names a served index or its folder.")
+@model_options
 @friendly
 def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, f_task,
-         f_language, f_tags, min_size, as_json, as_csv, server):
+         f_language, f_tags, min_size, as_json, as_csv, server, device, batch_size):
     """Rank the pool's sources for a labelled target file (CSV, TSV, JSONL, JSON or Parquet)."""
     from .results import DEFAULT_SHORTLIST, Filters
 
@@ -227,13 +240,17 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
     if server:
         ranking = _rank_remote(server, folder, target_file, text_cols, label_cols, task, options)
     else:
-        from .checks import check_positive
+        from .checks import check_labels, check_positive, check_size
         from .data import load_labelled
 
         check_positive(**{"--top": top, "--shortlist": shortlist, "--candidates": candidates, "--refine": refine})
         data = load_labelled(target_file, text_cols, label_cols, task)
         folder = folder or default_index_path()
-        with _open(folder, readonly=True) as index:
+        with _open(folder, readonly=True, device=device, batch_size=batch_size) as index:
+            if not len(index):  # before embedding the target, but after what is wrong with the target
+                check_labels(data.labels, data.task, len(data.texts))
+                check_size(len(data))
+                _fail(f"the index {folder} holds no sources (add some with 'esm-index import' or 'add')")
             ranking = index.rank(data.texts, data.labels, data.task,
                                  progress=sys.stderr.isatty() and not (as_json or as_csv), **options)
     if not ranking.pool_size:
@@ -259,7 +276,8 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
             writer.writerow([r["rank"], r["source"], f"{r['score']:.6f}", r.get("approx_score", ""),
                              r["meta"].get("language", ""), r["meta"].get("num_examples", "")])
     else:
-        click.echo(f"{ranking.target['examples']} target examples, {ranking.pool_size} sources, "
+        click.echo(f"{plural(ranking.target['examples'], 'target example')} ({target_kind(ranking.target)}), "
+                   f"{plural(ranking.pool_size, 'source')}, "
                    f"{ranking.timings['total']:.2f} s")
         click.echo(f"{'rank':>4}  {'score':>9}  source")
         for r in ranking.results:
@@ -328,8 +346,7 @@ def info(folder, as_json):
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        for key, value in data.items():
-            click.echo(f"{key}: {value}")
+        click.echo("\n".join(info_lines(data, str(folder))))
 
 
 def _prefilter_kind(folder: Path) -> str:
@@ -352,8 +369,7 @@ def list_(folder, as_json):
     if as_json:
         click.echo(json.dumps([{k: v for k, v in s.items() if k not in ("fit", "finetune")} for s in sources], indent=2))
         return
-    for s in sources:
-        click.echo(f"{s['name']}\t{s.get('task_type', '')}\t{s.get('language') or ''}\t{s.get('num_examples') or ''}")
+    click.echo("\n".join(source_table(sources)))
 
 
 @main.command()
@@ -367,7 +383,7 @@ def remove(folder, names):
         index.rebuild()
     if missing:
         _fail(f"no source named {', '.join(missing)}")
-    click.echo(f"removed {len(names)}")
+    click.echo(f"removed {plural(len(names), 'source')}")
 
 
 @main.command()
@@ -380,7 +396,7 @@ def export(folder, out, fmt, force):
     """Write every source as an ESM folder hfselect can load."""
     with _open(folder, readonly=True) as index:
         count = index.export(out, force=force)
-    click.echo(f"exported {count} ESMs to {out}")
+    click.echo(f"exported {plural(count, 'ESM')} to {out}")
 
 
 @main.command()
@@ -395,7 +411,7 @@ def verify(folder):
         for p in problems:
             click.echo(f"problem: {p}", err=True)
         sys.exit(1)
-    click.echo(f"ok: {count} sources, LMDB and FAISS agree")
+    click.echo(f"ok: {plural(count, 'source')}, LMDB and FAISS agree")
 
 
 @main.command()
@@ -406,7 +422,7 @@ def rebuild(folder, reprobe):
     """Rebuild the FAISS prefilter from LMDB."""
     with _open(folder) as index:
         index.rebuild(reprobe=reprobe)
-        click.echo(f"rebuilt the prefilter over {len(index)} sources")
+        click.echo(f"rebuilt the prefilter over {plural(len(index), 'source')}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ POOLINGS = ("mean", "cls", "pooler")
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 Texts = Sequence[str] | Sequence[Sequence[str]]
+log = logging.getLogger(__name__)  # progress lines; the CLI prints them on stderr
 
 
 def default_model_path() -> Path:
@@ -102,7 +104,7 @@ def index_model_folder(manifest: dict, index_folder: Path) -> Path:
     older manifests' absolute paths are the last resort)."""
     name, stored = manifest["embedding"]["model_name"], manifest.get("model_path")
     if stored and not Path(stored).is_absolute() and (index_folder / stored).is_dir():
-        return index_folder / stored
+        return (index_folder / stored).resolve()
     located = locate_model(name)
     if located is not None:
         return located
@@ -140,6 +142,22 @@ def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def checked_device(device: str) -> str:
+    """``device`` if torch can run on it here; a typo or a missing GPU is one clear error,
+    not a traceback from deep inside ``model.to``."""
+    import torch
+
+    from .errors import InvalidArgumentError
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InvalidArgumentError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r}: no CUDA device is available here (use cpu)")
+    return device
+
+
 class Embedder:
     """Embeds texts with a local transformers / sentence-transformers model folder."""
 
@@ -153,8 +171,9 @@ class Embedder:
         if not (self.model_path / "config.json").is_file():
             raise ModelMismatchError(f"{self.model_path} is not a model folder (no config.json)")
         self.spec = spec or EmbeddingSpec()
-        self.device = device or best_device()
+        self.device = checked_device(device) if device else best_device()
         self.batch_size = batch_size
+        log.info("loading the base model from %s", self.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
         self.model = AutoModel.from_pretrained(str(self.model_path)).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
@@ -197,6 +216,8 @@ class Embedder:
         from tqdm.auto import tqdm
 
         joined = self.join(texts)
+        if len(joined) > 16:
+            log.info("embedding %d texts (%s, batches of %d)", len(joined), self.device, self.batch_size)
         order = np.argsort([-len(t) for t in joined], kind="stable")
         out = np.zeros((len(joined), self.dim), dtype=np.float32)
         starts = range(0, len(joined), self.batch_size)

@@ -13,6 +13,7 @@ summary.py, the staged search in prefilter.py, the bytes in store.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,8 +23,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .data import LabelledData
-from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec
-from .checks import check_labels, check_positive, check_size, dense_classes
+from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, checked_device
+from .checks import check_labels, check_positive, check_size, check_stages, dense_classes
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
@@ -33,6 +34,7 @@ from .summary import DEFAULT_PROBE_DIM
 
 REFERENCE_TEXTS = Path(__file__).with_name("reference_texts.txt")
 CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
+log = logging.getLogger(__name__)  # progress lines for slow steps; the CLI prints them on stderr
 
 
 class SourceIndex:
@@ -45,7 +47,7 @@ class SourceIndex:
         self.store = Store(self.folder, readonly=readonly)
         self.manifest = self.store.manifest
         self.spec = EmbeddingSpec(**self.manifest["embedding"])
-        self._device = device
+        self._device = None if device is None else checked_device(device)  # before any slow step
         self._model_path = model_path
         self._batch_size = batch_size
         self._lock = threading.RLock()
@@ -203,7 +205,10 @@ class SourceIndex:
                                                                 "max_steps", "batch_size")})
         if not data.regression:
             data = with_fields(data, labels=dense_classes(data.labels))
-        esm = build_esm(self.embedder, data, config, progress=progress)
+        embedder = self.embedder
+        log.info("fine-tuning the base model on %d examples of %s (at most %d, %d epochs), then fitting its ESM; "
+                 "minutes on a CPU", len(data), name, config.max_examples, config.epochs)
+        esm = build_esm(embedder, data, config, progress=progress)
         esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
         if replace:  # only now that the new map exists
             self.store.remove([name])
@@ -315,7 +320,9 @@ class SourceIndex:
         floats for regression). Bad targets are refused before the (slow) embedding."""
         check_labels(labels, task, len(texts))
         check_size(len(texts))
-        _check_stages(top, shortlist, exact, candidates, refine)
+        check_stages(top, shortlist, exact, candidates, refine)
+        if filters and not any(filters.accepts(m) for _, m in self.store.iter_meta()):  # stops at a match
+            raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
         ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
@@ -344,7 +351,7 @@ class SourceIndex:
         labels = np.asarray(labels)
         about = check_labels(labels, task, len(x))
         warnings = check_size(len(x), self.manifest["dim"])
-        _check_stages(top, shortlist, exact, candidates, refine)
+        check_stages(top, shortlist, exact, candidates, refine)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -387,15 +394,6 @@ class SourceIndex:
             result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", "domain_mean")}
             results.append(result)
         return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings)
-
-
-def _check_stages(top: int, shortlist: int | None, exact: bool, candidates: int | None, refine: int | None) -> None:
-    """Stage sizes must be positive, and a shortlist shorter than ``top`` would silently
-    return fewer rows than asked for."""
-    check_positive(top=top, shortlist=shortlist, candidates=candidates, refine=refine)
-    if not exact and shortlist is not None and shortlist < top:
-        raise InvalidArgumentError(f"shortlist ({shortlist}) is smaller than top ({top}): only {shortlist} "
-                                   f"sources would be ranked; raise shortlist or use exact")
 
 
 def _source_meta(esm: ESM) -> dict:

@@ -1,0 +1,106 @@
+"""What the command line shows people: tables with headers, sizes in MB, progress lines on
+stderr, click's own usage errors as the tool's one ``error:`` line, and the options shared
+by the commands that run the base model.
+
+Kept apart from cli.py so that the commands stay a thin shell over ``SourceIndex``, and
+free of heavy imports (click only), so that ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .errors import plural
+
+
+class Group(click.Group):
+    """click's usage errors (a missing option, a bad choice) as the same one line our own
+    errors use, ``error: ...`` with exit code 2, instead of a usage block ending in a
+    capitalised ``Error:`` next to our ``error:``."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            value = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `esm-index`: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            click.echo(f"error: {_lower_first(exc.format_message()).rstrip('.')}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(value if isinstance(value, int) else 0)
+        return value
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
+
+
+class ProgressLines(logging.Handler):
+    """The library's progress messages (loading the model, embedding, fine-tuning) as lines
+    on stderr, terminal or not: a pipe or a CI log should show why a command takes a minute.
+    click.echo looks stderr up at each line, so CliRunner captures them too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"esm-index: {record.getMessage()}", err=True)
+
+
+def show_progress() -> None:
+    """Route the ``esm_index`` loggers' INFO lines to stderr (once per process)."""
+    logger = logging.getLogger("esm_index")
+    if not any(isinstance(h, ProgressLines) for h in logger.handlers):
+        logger.addHandler(ProgressLines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def info_lines(data: dict, folder: str) -> list[str]:
+    """``esm-index info`` for people: one labelled line per fact (``--json`` has the raw dict)."""
+    emb = data["embedding"]
+    return [
+        f"index       {folder}",
+        f"sources     {data['sources']}",
+        f"base model  {data['model']} ({data['dim']}-d, {emb['pooling']} pooling, "
+        f"{'L2-normalised' if emb['normalize'] else 'not normalised'}, {emb['max_length']} tokens)",
+        f"ESMs        {data['esm_dtype']}",
+        f"prefilter   {data['prefilter']}, {data['summary_dim']} floats per summary",
+        f"on disk     LMDB {megabytes(data['lmdb_bytes'])}, FAISS {megabytes(data['faiss_bytes'])}",
+        f"schema      version {data['schema_version']}, generation {data['generation']}",
+    ]
+
+
+def source_table(sources: list[dict]) -> list[str]:
+    """``esm-index list`` for people: aligned columns under a header, and a count."""
+    header = ("name", "task", "language", "examples", "title")
+    rows = [(s["name"], s.get("task_type") or "", s.get("language") or "", str(s.get("num_examples") or ""),
+             s.get("title") or "") for s in sources]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in [header, *rows]]
+    return [line.rstrip() for line in lines] + [plural(len(rows), "source")]
+
+
+def target_kind(target: dict) -> str:
+    """'classification, 2 classes' or 'regression, 1 label column', for the header line."""
+    if target.get("task") == "regression":
+        return f"regression, {plural(target.get('label_columns', 1), 'label column')}"
+    return f"classification, {plural(target.get('classes', 0), 'class', 'classes')}"
+
+
+def model_options(fn):
+    """--device and --batch-size, for the commands that run the base model."""
+    fn = click.option("--batch-size", type=int, default=64, show_default=True,
+                      help="Texts per forward pass of the base model (lower it when memory is short).")(fn)
+    return click.option("--device", default=None,
+                        help="Where the base model and scorer run: cpu, cuda, cuda:1 (default: cuda if available).")(fn)
