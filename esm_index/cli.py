@@ -273,7 +273,8 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
         writer = csv.writer(sys.stdout)
         writer.writerow(["rank", "source", "score", "approx_score", "language", "num_examples"])
         for r in ranking.results:
-            writer.writerow([r["rank"], r["source"], f"{r['score']:.6f}", r.get("approx_score", ""),
+            approx = r.get("approx_score")  # 6 decimals like the score: the digits beyond are rounding noise
+            writer.writerow([r["rank"], r["source"], f"{r['score']:.6f}", "" if approx is None else f"{approx:.6f}",
                              r["meta"].get("language", ""), r["meta"].get("num_examples", "")])
     else:
         click.echo(f"{plural(ranking.target['examples'], 'target example')} ({target_kind(ranking.target)}), "
@@ -305,12 +306,14 @@ def _rank_remote(url: str, folder, target_file, text_cols, label_cols, task, opt
 @click.option("--token", envvar="ESM_INDEX_TOKEN", default=None,
               help="Bearer token clients must send (env ESM_INDEX_TOKEN, which keeps it out of 'ps').")
 @click.option("--workers", type=int, default=2, show_default=True, help="Queries computed at once; more wait.")
+@click.option("--threads-per-query", type=int, default=1, show_default=True,
+              help="numba / FAISS threads inside one query (0: the libraries' default, all cores).")
 @click.option("--max-body-mb", type=float, default=64.0, show_default=True)
 @click.option("--max-rows", type=int, default=20_000, show_default=True, help="Rows per target.")
 @click.option("--max-targets", type=int, default=64, show_default=True, help="Targets per request.")
 @click.option("--no-warm", is_flag=True, help="Skip loading the model and compiling kernels before serving.")
 @friendly
-def serve(indexes, host, port, token, workers, max_body_mb, max_rows, max_targets, no_warm):
+def serve(indexes, host, port, token, workers, threads_per_query, max_body_mb, max_rows, max_targets, no_warm):
     """Serve indexes over HTTP with JSON, keeping the model and prefilters warm (see server.py)."""
     from .checks import check_positive
     from .server import Limits, serve as run_server
@@ -323,7 +326,10 @@ def serve(indexes, host, port, token, workers, max_body_mb, max_rows, max_target
         if not (Path(path) / "store.lmdb").exists():
             _fail(f"{path}: not an index folder (no store.lmdb)")
         folders[name] = Path(path)
-    run_server(folders, host, port, token, Limits(max_body_mb, max_rows, max_targets, workers), warm=not no_warm)
+    if threads_per_query < 0:
+        _fail(f"--threads-per-query must be 0 or more, not {threads_per_query}")
+    run_server(folders, host, port, token, Limits(max_body_mb, max_rows, max_targets, workers, threads_per_query),
+               warm=not no_warm)
 
 
 @main.command()
