@@ -8,3 +8,4 @@ extras="${1:-}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+echo "installed: .venv/bin/esm-index ('source .venv/bin/activate' puts esm-index on PATH; 'python -m esm_index' works too)"
