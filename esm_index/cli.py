@@ -86,7 +86,7 @@ def _command_seconds() -> float:
     (the console script, or python -m esm_index.cli) that is its whole age, interpreter and
     imports too; inside a host process (a test's CliRunner), the time since the command began."""
     since_command = time.perf_counter() - _command_started
-    if Path(sys.argv[0]).name not in ("esm-index", "cli.py"):
+    if Path(sys.argv[0]).name not in ("esm-index", "cli.py", "__main__.py"):
         return since_command
     try:
         with open("/proc/self/stat") as fh:
