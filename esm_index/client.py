@@ -107,7 +107,10 @@ class Client:
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
-            data = json.dumps(body, allow_nan=False).encode()
+            try:
+                data = json.dumps(body, allow_nan=False).encode()
+            except ValueError:  # NaN or infinity: JSON has no such numbers
+                raise errors.InvalidTargetError("the target holds NaN or infinite values") from None
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -138,6 +141,8 @@ def _plain(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (str, int, float)) for v in value):  # a row of plain values: no recursion
+            return list(value)
         return [_plain(v) for v in value]
     return value
 

@@ -272,6 +272,23 @@ def test_the_token_is_required_beyond_loopback(runner, pool):
     assert result.exit_code == 2 and "token" in result.output and len(result.output.splitlines()) == 1
 
 
+def test_a_writer_beside_the_server(server, client):
+    """Another process adds sources while the server runs: the next query ranks the new pool
+    (the server notices the new LMDB generation and reloads the prefilter)."""
+    x, y = _embedded_target(server["pool"], 120)
+    assert client.rank_embeddings(x, y, top=3).pool_size == 40
+    with SourceIndex(server["pool"]) as writer:
+        extra = random_esms(np.random.default_rng(11), 5, 32, scale=1.0)
+        writer.add_esms((f"new{i}", e) for i, e in enumerate(extra))
+        writer.rebuild()
+    remote = client.rank_embeddings(x, y, top=45, exact=True)
+    with _local(server["pool"]) as index:
+        _same(remote, index.rank_embeddings(x, y, top=45, exact=True))
+    assert remote.pool_size == 45 and any(r["source"].startswith("new") for r in remote.results)
+    with pytest.raises(InvalidTargetError, match="NaN"):
+        client.rank_embeddings(np.full((30, 32), np.nan), [0, 1] * 15)
+
+
 def test_sigterm_finishes_the_request_in_flight_then_exits(server, client):
     """Last in this file: it stops the module's server."""
     x, y = _embedded_target(server["pool"], 120)
