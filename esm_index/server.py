@@ -5,7 +5,7 @@ Why a service: a fresh ``esm-index rank`` pays ~3 s of start-up (torch, the mode
 compiled kernels) for a query that takes 0.2 s warm. AutoML systems also tend to live in
 another process or language. The API (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
-    GET  /health                        liveness, uptime, served index names
+    GET  /health                        liveness and uptime (no token needed)
     GET  /indexes                       every served index: name, folder, sources, model, ...
     GET  /indexes/{name}/sources        the sources of one index
     POST /rank                          one or many targets, texts or base embeddings + labels
@@ -240,16 +240,14 @@ def _query_thread(threads: int) -> None:
 def _warm(index: SourceIndex) -> None:
     """Pay the first-query costs now: the model, the FAISS files, the compiled kernels.
 
-    Never on the main thread: once numba's OpenMP kernels have run there, every query from
-    another thread (uvicorn's workers) made OpenBLAS print "Detect OpenMP Loop" thousands of
-    times per query (measured: 2,808 lines for one query on the 26-source pool)."""
+    On a query thread, never the main one: once numba's OpenMP kernels had run on the main
+    thread, every query from another thread made OpenBLAS print "Detect OpenMP Loop" (2,808
+    lines for one query on the 26-source pool)."""
     index.prefilter()
     index.embedder.embed(["warm up the model", "and its tokenizer"])
-    rng = np.random.default_rng(0)
-    n = 64
-    x = rng.standard_normal((n, index.manifest["dim"])).astype(np.float32)
     if len(index):
-        index.rank_embeddings(x, np.arange(n) % 2, "classification", top=1)
+        x = np.random.default_rng(0).standard_normal((64, index.manifest["dim"])).astype(np.float32)
+        index.rank_embeddings(x, np.arange(64) % 2, "classification", top=1)
 
 
 # ---- HTTP --------------------------------------------------------------------------------------
@@ -323,8 +321,8 @@ class Guard:
 
 
 def make_app(service: Service, token: str | None = None) -> FastAPI:
-    """The FastAPI app over ``service``; ``token`` (when set) is required on every path but
-    ``/health``."""
+    """The FastAPI app over ``service``, behind the ``Guard``; ``token`` (when set) is
+    required on every path but ``/health``."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -367,8 +365,8 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "uptime_s": round(time.time() - service.started, 1),
-                "indexes": list(service.indexes)}
+        """Liveness only: it needs no token, so it names nothing (``/indexes`` does)."""
+        return {"status": "ok", "uptime_s": round(time.time() - service.started, 1)}
 
     @app.get("/indexes")
     def indexes() -> dict:
@@ -385,6 +383,7 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
         rankings = service.rank(req)
         return JSONResponse({"rankings": [r.to_dict() for r in rankings]})
 
+    app.add_middleware(Guard, token=token, max_body=int(service.limits.max_body_mb * 2 ** 20))
     return app
 
 
@@ -405,7 +404,6 @@ def serve(folders: dict[str, Path], host: str = "127.0.0.1", port: int = 8765, t
     t0 = time.perf_counter()
     service = Service(folders, limits, warm)
     app = make_app(service, token)
-    app.add_middleware(Guard, token=token, max_body=int(limits.max_body_mb * 2 ** 20))
     log.warning("%d index(es) open and warm in %.1f s; serving http://%s:%d (pid %d)",
                 len(folders), time.perf_counter() - t0, host, port, os.getpid())
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
