@@ -238,6 +238,8 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
                    refine=refine, filters=Filters(f_task, f_language, f_tags, min_size))
     startup = _command_seconds()
     if server:
+        if device is not None or batch_size != 64:
+            _fail("--device and --batch-size apply to local mode; with --server the server's own settings hold")
         ranking = _rank_remote(server, folder, target_file, text_cols, label_cols, task, options)
     else:
         from .checks import check_labels, check_positive, check_size

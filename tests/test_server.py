@@ -246,6 +246,9 @@ def test_client_and_cli_raise_the_typed_errors(server, client, runner, tmp_path,
     result = runner.invoke(main, ["rank", str(tmp_path / "one.csv"), "--text-col", "text", "--label-col", "label",
                                   "--server", server["url"]])
     assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+    local_only = runner.invoke(main, ["rank", TARGET, "--text-col", "text", "--label-col", "label", "--device", "cpu",
+                                      "--server", server["url"]])
+    assert local_only.exit_code == 2 and "--device" in local_only.output and len(local_only.output.splitlines()) == 1
 
 
 def test_a_disconnecting_client_leaves_the_server_healthy(server, client):
