@@ -407,6 +407,39 @@ def export(folder, out, fmt, force):
     click.echo(f"exported {plural(count, 'ESM')} to {out}")
 
 
+@main.command("map")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("target_file", required=False, type=click.Path())
+@click.option("--out", default="pool_map.png", show_default=True, help="Picture file (.png, .svg or .pdf).")
+@click.option("--color-by", type=click.Choice(["language", "task_type"]), default="language", show_default=True)
+@click.option("--text-col", "text_cols", multiple=True, default=("text",), show_default=True)
+@click.option("--label-col", "label_cols", multiple=True, default=("label",), show_default=True)
+@click.option("--task", type=click.Choice(["classification", "regression"]), default=None)
+@click.option("--top", type=int, default=10, show_default=True, help="Sources of the target's ranking to mark.")
+@model_options
+@friendly
+def map_(folder, target_file, out, color_by, text_cols, label_cols, task, top, device, batch_size):
+    """Draw the pool, sources placed by their maps; with a target, its top sources and scores."""
+    from .pool_map import draw, pool_coordinates
+    from .results import DEFAULT_SHORTLIST
+
+    data = ranking = None
+    if target_file:
+        from .data import load_labelled
+
+        data = load_labelled(target_file, text_cols, label_cols, task)
+    with _open(folder, readonly=True, device=device, batch_size=batch_size) as index:
+        pool = pool_coordinates(index)
+        if data is not None:
+            ranking = index.rank(data.texts, data.labels, data.task, top=top, shortlist=max(DEFAULT_SHORTLIST, top))
+            ranking.target["file"] = str(target_file)
+    for line in ranking.warnings if ranking else []:
+        click.echo(f"warning: {line}", err=True)
+    path = draw(pool, out, color_by, ranking)
+    click.echo(f"wrote {path}: {plural(len(pool.ids), 'source')}"
+               + (f", the top {len(ranking.results)} for {target_file} marked" if ranking else ""))
+
+
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @friendly
