@@ -68,7 +68,7 @@ class SourceIndex:
         made for it by its hub name fit; the folder's name is the fallback."""
         from dataclasses import replace
 
-        from .embed import Embedder, identify_model, locate_model, resolve_model
+        from .embed import Embedder, identify_model, resolve_model
         from .summary import join_probe, make_probe, summary_dim
 
         if esm_dtype not in ("float16", "float32"):
@@ -79,11 +79,13 @@ class SourceIndex:
         model_path = resolve_model(model_path) if model_path is not None else None
         spec = spec or EmbeddingSpec(model_name="" if model_path else DEFAULT_MODEL_NAME)
         embedder = Embedder(model_path, spec, device=device, batch_size=batch_size)
+        identified = identify_model(embedder) if model_path is not None else DEFAULT_MODEL_NAME
         if not spec.model_name:
-            spec = embedder.spec = replace(spec, model_name=identify_model(embedder) or embedder.model_path.name)
-        # portable facts only: a located model by its name, any other folder relative to the index
-        relative = None if locate_model(spec.model_name) else os.path.relpath(embedder.model_path.resolve(),
-                                                                             folder.resolve())
+            spec = embedder.spec = replace(spec, model_name=identified or embedder.model_path.name)
+        # portable facts only: a model known to be what its name says is found again by that name;
+        # any other folder (a name given by hand proves nothing) is kept relative to the index
+        relative = None if identified == spec.model_name else os.path.relpath(embedder.model_path.resolve(),
+                                                                               folder.resolve())
         texts = list(reference_texts) if reference_texts else REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
         dim = embedder.dim
         probe_dim = min(probe_dim, dim + 1, len(texts))
@@ -315,9 +317,12 @@ class SourceIndex:
     def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
              shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
              exact: bool = False, filters: Filters | None = None, progress: bool = False,
-             refine: int | None = None) -> Ranking:
+             refine: int | None = None, hub_aware: bool = False) -> Ranking:
         """Rank the pool's sources for a target given as texts and labels (class ids, or
-        floats for regression). Bad targets are refused before the (slow) embedding."""
+        floats for regression). Bad targets are refused before the (slow) embedding.
+        ``hub_aware``: rank the shortlist by ESM-LogME minus each source's ESM-LogME for the
+        same texts with shuffled labels (``logme.shuffled_label_scores``); ``score`` is then
+        that difference and ``esm_logme`` the plain score."""
         check_labels(labels, task, len(texts))
         check_size(len(texts))
         check_stages(top, shortlist, exact, candidates, refine)
@@ -325,7 +330,8 @@ class SourceIndex:
             raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
-        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
+        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine,
+                                       hub_aware=hub_aware)
         ranking.timings = {"embed": round(time.perf_counter() - t0 - sum(ranking.timings.values()), 4),
                            **ranking.timings}
         return ranking
@@ -333,16 +339,18 @@ class SourceIndex:
     def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", top: int = 10,
                         shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
                         exact: bool = False, filters: Filters | None = None,
-                        refine: int | None = None) -> Ranking:
+                        refine: int | None = None, hub_aware: bool = False) -> Ranking:
         """Rank from precomputed base-model embeddings (n, d) of the target."""
         from .logme import one_blas_thread
 
         with one_blas_thread():
-            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
+            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine,
+                                         hub_aware)
 
     def _rank_embeddings(self, x: np.ndarray, labels, task: str, top: int, shortlist: int | None,
-                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None) -> Ranking:
-        from .logme import TargetStats, score_esms
+                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None,
+                         hub_aware: bool = False) -> Ranking:
+        from .logme import TargetStats, score_esms, shuffled_label_scores
 
         regression = task == "regression"
         x = np.asarray(x)
@@ -383,6 +391,10 @@ class SourceIndex:
         import torch
 
         scores = score_esms(target, torch.from_numpy(w), torch.from_numpy(b)) if len(found) else np.zeros(0)
+        plain = scores
+        if hub_aware and len(found):
+            scores = plain - shuffled_label_scores(x, labels, torch.from_numpy(w), torch.from_numpy(b), regression,
+                                                   device=device)
         lap("exact")
         order = np.argsort(-scores, kind="stable")[:top]
         metas = self.store.metas(found[order])
@@ -390,7 +402,7 @@ class SourceIndex:
         for rank, (j, meta) in enumerate(zip(order, metas), 1):
             sid = int(found[j])
             result = {"rank": rank, "source": meta["name"], "score": float(scores[j]), "approx_score": None,
-                      **stage.get(sid, {})}
+                      **stage.get(sid, {}), **({"esm_logme": float(plain[j])} if hub_aware else {})}
             result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", "domain_mean")}
             results.append(result)
         return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings)

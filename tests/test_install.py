@@ -59,6 +59,14 @@ def test_an_unknown_model_keeps_its_folder_name_and_a_relative_path(tiny_model, 
     monkeypatch.chdir(tmp_path.parent)  # resolved against the index folder, not the working directory
     with SourceIndex(tmp_path / "idx", readonly=True) as reopened:
         assert reopened.embedder.model_path.resolve() == Path(tiny_model).resolve()
+    # a name given by hand proves nothing: the folder is kept, not swapped for the packaged model
+    from esm_index.embed import EmbeddingSpec
+
+    with SourceIndex.create(tmp_path / "named", tiny_model, EmbeddingSpec(DEFAULT_MODEL_NAME),
+                            reference_texts=FEW_TEXTS) as named:
+        assert named.manifest["model_path"] and named.embedder.dim == 32
+    with SourceIndex(tmp_path / "named", readonly=True) as reopened:
+        assert reopened.embedder.dim == 32
 
 
 def test_a_hub_name_in_the_local_cache_works(tiny_model, tmp_path, monkeypatch, runner):

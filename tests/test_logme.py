@@ -91,6 +91,26 @@ def test_huge_class_ids_cost_no_memory():
     assert score[10**12] == pytest.approx((a + (10**12 - 1) * z) / (10**12 + 1), abs=1e-9)
 
 
+def test_scoring_memory_is_bounded_by_distinct_classes():
+    """Issue 8's target: 300 examples labelled 0, 1000, ..., 299000. Materialising classes
+    0..max took 718 MB for the label matrix alone (the whole query was killed at 23.8 GB);
+    one column per distinct class keeps the peak of Python-side allocations small."""
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((300, 32))
+    w = torch.from_numpy(np.eye(32) + 0.1 * rng.standard_normal((8, 32, 32)))
+    b = torch.zeros(8, 32, dtype=torch.float64)
+    labels = np.arange(300) * 1000
+    tracemalloc.start()
+    try:
+        scores = score_esms(TargetStats.from_embeddings(x, labels), w, b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.isfinite(scores).all() and peak < 20e6, peak
+
+
 def test_constant_regression_labels_are_refused():
     with pytest.raises(InvalidTargetError, match="constant"):
         TargetStats.from_embeddings(np.random.default_rng(0).standard_normal((30, 4)), np.full(30, 2.5), True)
