@@ -317,12 +317,9 @@ class SourceIndex:
     def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
              shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
              exact: bool = False, filters: Filters | None = None, progress: bool = False,
-             refine: int | None = None, hub_aware: bool = False) -> Ranking:
+             refine: int | None = None) -> Ranking:
         """Rank the pool's sources for a target given as texts and labels (class ids, or
-        floats for regression). Bad targets are refused before the (slow) embedding.
-        ``hub_aware``: rank the shortlist by ESM-LogME minus each source's ESM-LogME for the
-        same texts with shuffled labels (``logme.shuffled_label_scores``); ``score`` is then
-        that difference and ``esm_logme`` the plain score."""
+        floats for regression). Bad targets are refused before the (slow) embedding."""
         check_labels(labels, task, len(texts))
         check_size(len(texts))
         check_stages(top, shortlist, exact, candidates, refine)
@@ -330,8 +327,7 @@ class SourceIndex:
             raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
-        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine,
-                                       hub_aware=hub_aware)
+        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
         ranking.timings = {"embed": round(time.perf_counter() - t0 - sum(ranking.timings.values()), 4),
                            **ranking.timings}
         return ranking
@@ -339,18 +335,16 @@ class SourceIndex:
     def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", top: int = 10,
                         shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
                         exact: bool = False, filters: Filters | None = None,
-                        refine: int | None = None, hub_aware: bool = False) -> Ranking:
+                        refine: int | None = None) -> Ranking:
         """Rank from precomputed base-model embeddings (n, d) of the target."""
         from .logme import one_blas_thread
 
         with one_blas_thread():
-            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine,
-                                         hub_aware)
+            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
 
     def _rank_embeddings(self, x: np.ndarray, labels, task: str, top: int, shortlist: int | None,
-                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None,
-                         hub_aware: bool = False) -> Ranking:
-        from .logme import TargetStats, score_esms, shuffled_label_scores
+                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None) -> Ranking:
+        from .logme import TargetStats, score_esms
 
         regression = task == "regression"
         x = np.asarray(x)
@@ -391,10 +385,6 @@ class SourceIndex:
         import torch
 
         scores = score_esms(target, torch.from_numpy(w), torch.from_numpy(b)) if len(found) else np.zeros(0)
-        plain = scores
-        if hub_aware and len(found):
-            scores = plain - shuffled_label_scores(x, labels, torch.from_numpy(w), torch.from_numpy(b), regression,
-                                                   device=device)
         lap("exact")
         order = np.argsort(-scores, kind="stable")[:top]
         metas = self.store.metas(found[order])
@@ -402,7 +392,7 @@ class SourceIndex:
         for rank, (j, meta) in enumerate(zip(order, metas), 1):
             sid = int(found[j])
             result = {"rank": rank, "source": meta["name"], "score": float(scores[j]), "approx_score": None,
-                      **stage.get(sid, {}), **({"esm_logme": float(plain[j])} if hub_aware else {})}
+                      **stage.get(sid, {})}
             result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", "domain_mean")}
             results.append(result)
         return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings)
