@@ -66,9 +66,9 @@ def load_target(name: str) -> LabelledData:
 
 
 def target_split(name: str, data: LabelledData, train: int) -> tuple[LabelledData, LabelledData]:
-    """A fixed split of a target into a small training part and a test part (at most 300)."""
+    """A fixed split of a target into a small training part and a test part (at most 200)."""
     order = np.random.default_rng(zlib.crc32(name.encode())).permutation(len(data))
-    tr, te = np.sort(order[:train]), np.sort(order[train:train + 300])
+    tr, te = np.sort(order[:train]), np.sort(order[train:train + 200])
     return common.subset(data, tr), common.subset(data, te)
 
 
@@ -104,18 +104,23 @@ def run(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    done = set()
-    if args.out.is_file():
-        done = {(r["target"], r["source"], r["seed"]) for r in map(json.loads, args.out.open())}
+    def done() -> set:
+        return {(r["target"], r["source"], r["seed"]) for r in map(json.loads, args.out.open())} \
+            if args.out.is_file() else set()
+
     me, workers = map(int, args.worker.split("/"))
     todo = [(t, s, seed) for seed in range(args.seeds) for t in TARGETS
             for s in ["none", *candidates(t, args.sources)]]
-    todo = [k for k in todo if k not in done and zlib.crc32(repr(k).encode()) % workers == me]
+    todo = [k for k in todo if k not in done() and zlib.crc32(repr(k).encode()) % workers == me]
+    if args.reverse:  # a second process on the same share, meeting the first in the middle
+        todo.reverse()
     embedder = Embedder(spec=EmbeddingSpec(max_length=args.max_length))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (t, s, seed) in enumerate(todo, 1):
         if s != "none" and not (common.CACHE / "pool" / s / "DONE").exists():
             continue  # not built yet: a later rerun picks it up
+        if (t, s, seed) in done():
+            continue
         record = run_one(embedder, t, s, seed, args)
         with open(args.out, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -184,10 +189,10 @@ def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
 
 
 def report(args) -> None:
-    runs = [json.loads(line) for line in args.out.open()]
+    runs = {(r["target"], r["source"], r["seed"]): r for r in map(json.loads, reversed(args.out.read_text().splitlines()))}
     acc: dict[tuple[str, str], list[float]] = {}
-    for r in runs:
-        acc.setdefault((r["target"], r["source"]), []).append(r["acc"])
+    for (target, source, seed) in sorted(runs, key=lambda k: k[2]):  # the first run of a key, in seed order
+        acc.setdefault((target, source), []).append(runs[(target, source, seed)]["acc"])
     metrics = ("regret@1", "regret@3", "regret@5", "NDCG@5")
     table: dict[str, dict[str, list[float]]] = {}
     per_target = []
@@ -241,14 +246,15 @@ def report(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--train", type=int, default=160, help="target training examples")
-    ap.add_argument("--sources", type=int, default=9, help="candidate sources per target")
+    ap.add_argument("--train", type=int, default=128, help="target training examples")
+    ap.add_argument("--sources", type=int, default=8, help="candidate sources per target")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--worker", default="0/1", help="i/n: this process runs the i-th of n shares")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reverse", action="store_true", help="take this share's runs last first")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
     ap.add_argument("--json", type=Path, default=None)
