@@ -175,25 +175,32 @@ def _source_name(meta: dict, path: Path, name_from: str) -> str:
 @click.option("--name", default=None, help="Source name (default: the file's stem).")
 @click.option("--language", default=None)
 @click.option("--tag", "tags", multiple=True)
+# The defaults are the shipped pool's recipe (finetune.POOL_RECIPE; a test keeps them equal),
+# so that a source added to that pool scores on the same footing as its others.
 @click.option("--max-examples", type=int, default=10_000, show_default=True, help="Fine-tuning sample cap.")
-@click.option("--fit-examples", type=int, default=10_000, show_default=True, help="Texts used to fit the ESM.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--max-length", type=int, default=None, help="Fine-tuning truncation (default: the index's).")
+@click.option("--fit-examples", type=int, default=1_500, show_default=True, help="Texts used to fit the ESM.")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps (batch 32).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="At most this many passes over the data.")
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate.")
+@click.option("--max-length", type=int, default=64, show_default=True, help="Fine-tuning truncation in tokens.")
 @click.option("--replace", is_flag=True, help="Overwrite a source of the same name (otherwise refused).")
 @model_options
 @friendly
-def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, epochs,
-        max_length, replace, device, batch_size):
+def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, steps,
+        epochs, lr, max_length, replace, device, batch_size):
     """Fine-tune the base model on a labelled file, fit its ESM, add it as a source."""
     from .checks import check_positive
     from .data import load_labelled
     from .finetune import FinetuneConfig
 
     check_positive(**{"--max-examples": max_examples, "--fit-examples": fit_examples, "--epochs": epochs,
-                      "--max-length": max_length})
+                      "--steps": steps, "--max-length": max_length})
+    if not lr > 0:
+        _fail(f"--lr must be above 0, not {lr}")
     data = load_labelled(data_file, text_cols, label_cols, task)
     name = name or Path(data_file).stem
-    cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_length=max_length)
+    cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_steps=steps,
+                         lr=lr, max_length=max_length)
     with _open(folder, device=device, batch_size=batch_size) as index:
         esm = index.add_dataset(data, name, cfg, progress=sys.stderr.isatty(), replace=replace,
                                 meta={"language": language, "tags": list(tags),

@@ -42,7 +42,8 @@ def test_add_refuses_an_existing_name_unless_replace(runner, pool):
     assert len(after) == 12 and after["task3"]["language"] == "de" and after["task3"]["num_examples"] == 300
 
 
-@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--max-examples", "0"), ("--fit-examples", "-1")])
+@pytest.mark.parametrize("option,value", [("--epochs", "0"), ("--max-examples", "0"), ("--fit-examples", "-1"),
+                                          ("--steps", "0"), ("--lr", "0")])
 def test_add_refuses_options_that_train_nothing(runner, index_dir, option, value):
     result = runner.invoke(main, ["add", str(index_dir), SMS, "--text-col", "text", "--label-col", "label",
                                   option, value])

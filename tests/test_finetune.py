@@ -72,3 +72,15 @@ def test_step_budget_is_fixed_and_capped_by_passes(tiny_model):
              for a, b in zip(encoder.parameters(), embedder.model.parameters())]
     assert any(moved)  # a copy was trained; the base encoder is untouched
     assert head[1].out_features == 2
+
+
+def test_add_defaults_are_the_pool_recipe():
+    """`esm-index add` fine-tunes as the shipped pool was built, so added sources compare."""
+    from esm_index.cli import add
+    from esm_index.finetune import POOL_RECIPE
+
+    defaults = {p.name: p.default for p in add.params}
+    assert (defaults["max_examples"], defaults["fit_examples"], defaults["steps"], defaults["epochs"],
+            defaults["lr"], defaults["max_length"]) == (POOL_RECIPE.max_examples, POOL_RECIPE.fit_examples,
+                                                        POOL_RECIPE.max_steps, POOL_RECIPE.epochs,
+                                                        POOL_RECIPE.lr, POOL_RECIPE.max_length)
