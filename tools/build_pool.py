@@ -129,7 +129,7 @@ def main() -> None:
     cfg = replace(POOL_RECIPE, fit_examples=args.fit_examples, epochs=args.max_passes, max_steps=args.steps,
                   lr=args.lr, max_length=args.max_length)
     pool = args.cache / "pool"
-    log = pool / "build_log.jsonl"
+    log = pool / "_build_log.jsonl"  # "_": not matched by the README's pool/[a-z]* import glob
     for tid in tids:
         out = pool / tid
         if not claim(out):
