@@ -45,9 +45,10 @@ class FinetuneConfig:
     seed: int = 0
 
 
-# The recipe the shipped pool was built with on a CPU (tools/build_pool.py), chosen by the
-# same-task retrieval check in BENCHMARKS.md: 100 AdamW steps of 32 examples at lr 5e-5 and
-# 64 tokens (at most 10 passes over a small task); the ESM is fitted on up to 1,500 texts.
+# The recipe the shipped pool was built with on a CPU (tools/build_pool.py): 100 AdamW steps
+# of 32 examples at lr 5e-5 and 64 tokens (at most 10 passes over a small task); the ESM is
+# fitted on up to 1,500 texts. It is the only recipe measured so far (BENCHMARKS.md §3-§5),
+# not one chosen among several.
 # Sources added to a pool should share its recipe, or their scores are not comparable.
 POOL_RECIPE = FinetuneConfig(max_examples=10_000, fit_examples=1_500, epochs=10, max_steps=100,
                              lr=5e-5, max_length=64)

@@ -73,7 +73,7 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
     t1 = time.perf_counter()
     fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
     fit_texts = [source.texts[i] for i in fit_idx]
-    base = common.cached_base(embedder, tid, "fit", fit_texts, cache)
+    base = common.base_embeddings(embedder, fit_texts, cache)
     tuned_embedder = embedder.with_model(tuned)
     esm = fit_ridge(base, tuned_embedder.embed(fit_texts))
     t2 = time.perf_counter()

@@ -67,21 +67,12 @@ def twins(a: str, b: str) -> bool:
     return a == b or frozenset((a, b)) in TWINS
 
 
-def cached_base(embedder, task_id: str, part: str, texts: list[str], cache: Path = CACHE) -> np.ndarray:
-    """Base-model embeddings of one part of a task ("target", "fit"), computed once."""
-    path = cache / "base" / f"{task_id}.{part}.npy"
-    if path.is_file():
-        x = np.load(path, allow_pickle=False)
-        if len(x) == len(texts):
-            return x
-    x = embedder.embed(texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, x)
-    os.replace(tmp, path)
-    return x
+def base_embeddings(embedder, texts: list[str], cache: Path = CACHE) -> np.ndarray:
+    """Base-model embeddings of ``texts``, computed once: the library's content-hashed cache
+    (``embed.cached_embeddings``) under CACHE/base."""
+    from esm_index.embed import cached_embeddings
 
-
+    return cached_embeddings(cache / "base", embedder.spec, texts, lambda: embedder.embed(texts))
 
 
 def label_null_scores(x: np.ndarray, labels: np.ndarray, weights, biases, rounds: int = 3,

@@ -69,17 +69,35 @@ def main() -> None:
     esms = {t: ESM.load(args.pool / t) for t in tasks}
     w = torch.from_numpy(np.stack([esms[t].weight for t in tasks]))
     b = torch.from_numpy(np.stack([esms[t].bias for t in tasks]))
+    # float16 (what the index serves) against float32 (the ESM folders), and how many of the
+    # exact top-5 the approximate (summary) stage keeps in its top-k: on the same targets.
+    sid = np.asarray([i for i, m in index.store.iter_meta() if m.get("task_id") in esms])
+    found, w16, b16 = index.store.esms(sid)
+    order16 = [m["task_id"] for m in index.store.metas(found)]
+    _, summaries = index.store.summaries(found)
+    f16_same, f16_diff = 0, 0.0
+    recall: dict[int, list[float]] = {k: [] for k in (5, 8, 10, 15)}
     same, winners = [], {}
     for tid in tasks:
         data, _ = common.load_task(tid)
         _, tgt = common.split(tid, len(data))
-        x = common.cached_base(index.embedder, tid, "target", [data.texts[i] for i in tgt])
+        x = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt])
         y = dense(data.labels[tgt])
         ranking = index.rank_embeddings(x, y, "classification", top=len(index))
         first = name_to_task.get(ranking.results[0]["source"])
         winners[first] = winners.get(first, 0) + 1
+        stats = TargetStats.from_embeddings(x, y)
+        s32 = dict(zip(tasks, score_esms(stats, w, b)))
+        s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
+        f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
+        f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
+        approx = dict(zip(order16, adapted_scores(TargetView(stats), index.probe, summaries,
+                                                  index.manifest["out_dim"])))
+        truth = set(sorted(s16, key=s16.get)[-5:])
+        for k in recall:
+            recall[k].append(len(truth & set(sorted(approx, key=approx.get)[-k:])) / 5)
         # Experiment: the same scores less each source's score for shuffled labels.
-        adjusted = score_esms(TargetStats.from_embeddings(x, y), w, b) - common.label_null_scores(x, y, w, b)
+        adjusted = np.asarray([s32[t] for t in tasks]) - common.label_null_scores(x, y, w, b)
         same.append({"target": tid, "n": len(tgt), "own_rank": position(ranking, tid), "top1": first,
                      "margin": ranking.results[0]["score"] - ranking.results[1]["score"],
                      "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
@@ -101,7 +119,7 @@ def main() -> None:
         data, _ = common.load_task(target)
         _, tgt = common.split(target, len(data))
         y = dense(data.labels[tgt])
-        x = common.cached_base(index.embedder, target, "target", [data.texts[i] for i in tgt])
+        x = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt])
         others = [i for i, s in enumerate(tasks) if not common.twins(s, target)]
         esm_scores = score_esms(TargetStats.from_embeddings(x, y), w, b)[others]
         real = np.asarray([logme(np.load(args.pool / tasks[i] / "fidelity.npz")[target].astype(np.float32), y)
@@ -111,29 +129,6 @@ def main() -> None:
                          "top1_agree": top(real, 1) == top(esm_scores, 1),
                          "top3_overlap": len(top(real, 3) & top(esm_scores, 3)),
                          "real_top1": tasks[min(top(real, 1))], "esm_top1": tasks[min(top(esm_scores, 1))]})
-
-    # 3. float16 (what the index serves) against float32 (the ESM folders), exact top-5.
-    sid = np.asarray([i for i, m in index.store.iter_meta() if m.get("task_id") in esms])
-    found, w16, b16 = index.store.esms(sid)
-    order16 = [index.store.metas([i])[0]["task_id"] for i in found]
-    f16_same, f16_diff = 0, 0.0
-    _, summaries = index.store.summaries(found)
-    recall: dict[int, list[float]] = {k: [] for k in (5, 8, 10, 15)}
-    for tid in tasks:
-        data, _ = common.load_task(tid)
-        _, tgt = common.split(tid, len(data))
-        x = common.cached_base(index.embedder, tid, "target", [data.texts[i] for i in tgt])
-        stats = TargetStats.from_embeddings(x, dense(data.labels[tgt]))
-        s32 = dict(zip(tasks, score_esms(stats, w, b)))
-        s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
-        f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
-        f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
-        # 4. How many of the exact top-5 the approximate (summary) stage keeps in its top-k.
-        approx = dict(zip(order16, adapted_scores(TargetView(stats), index.probe, summaries,
-                                                  index.manifest["out_dim"])))
-        truth = set(sorted(s16, key=s16.get)[-5:])
-        for k in recall:
-            recall[k].append(len(truth & set(sorted(approx, key=approx.get)[-k:])) / 5)
 
     # Report.
     top1 = sum(s["own_rank"] == 1 for s in same)

@@ -173,15 +173,16 @@ def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
     ranked = index.rank_embeddings(x, train.labels, "classification", top=len(index), exact=True)
     by_task = {r["meta"].get("task_id", r["source"]): r["score"] for r in ranked.results}
     esm = sorted(cands, key=lambda s: -by_task[s])
-    w = torch.from_numpy(np.stack([ESM.load(common.CACHE / "pool" / s).weight for s in cands]))
-    b = torch.from_numpy(np.stack([ESM.load(common.CACHE / "pool" / s).bias for s in cands]))
+    esms = {s: ESM.load(common.CACHE / "pool" / s) for s in cands}
+    w = torch.from_numpy(np.stack([esms[s].weight for s in cands]))
+    b = torch.from_numpy(np.stack([esms[s].bias for s in cands]))
     null = dict(zip(cands, common.label_null_scores(x, train.labels, w, b)))
     real = {}
     for s in cands:
         tuned = index.embedder.with_model(AutoModel.from_pretrained(common.CACHE / "models" / s))
         real[s] = logme(tuned.embed(train.texts), train.labels)
     mean = x.mean(0)
-    dom = {s: float(np.dot(mean, m := np.asarray(ESM.load(common.CACHE / "pool" / s).meta["domain_mean"]))
+    dom = {s: float(np.dot(mean, m := np.asarray(esms[s].meta["domain_mean"]))
                     / (np.linalg.norm(mean) * np.linalg.norm(m))) for s in cands}
     return {"esm-index": esm, "esm-index minus shuffled-label null": sorted(cands, key=lambda s: null[s] - by_task[s]),
             "LogME (fine-tuned)": sorted(cands, key=lambda s: -real[s]),
