@@ -2,8 +2,8 @@
 tridiagonal solves of the fixed point, both parallel over sources.
 
 Kept apart from logme.py so that importing the scorer does not import numba. The first call
-in a fresh install compiles (~6 s); the code is cached on disk next to this file after that
-(~0.4 s to load).
+in a fresh install compiles them; numba caches the machine code on disk next to this file, so
+later processes only load it.
 """
 
 import ctypes
@@ -132,9 +132,9 @@ def _tridiagonalize_lower(a, zb, lwork, d, dsytrd, dormqr, dsterf):  # pragma: n
 
 @numba.njit(cache=True, parallel=True)
 def dense_fixed_point(sigma, kept, x2, res_x2, n, max_steps, rtol, eps):  # pragma: no cover - compiled
-    """hfselect's fixed point per (source b, column c) from a full spectrum: sigma and kept
-    (B, k), x2 (B, k, C) squared projections of y, res_x2 (B, C) = |y|^2 - sum x2. Each pair
-    stops on its own (the torch loop in logme.fixed_point carries every pair to the slowest).
+    """The fixed point of logme.py's docstring per (source b, column c) from a full
+    spectrum: sigma and kept (B, k), x2 (B, k, C) squared projections of y, res_x2 (B, C) =
+    |y|^2 - sum x2. Each pair stops on its own (logme._torch_loop steps every pair together).
     Returns alpha, beta, m2, res2 (B, C) as the torch loop leaves them."""
     batch, k, cols = x2.shape
     alpha = np.ones((batch, cols))
@@ -175,7 +175,7 @@ def reduce_symmetric(gram, z, lwork):
 @numba.njit(cache=True, parallel=True)
 def _reduce_symmetric(gram, z, lwork, dsytrd, dormqr, dsterf):  # pragma: no cover - compiled
     """For each symmetric gram[b] (m x m, in parallel): A = H T H^T (dsytrd), eigenvalues of
-    T (dsterf) and H^T z (dormqr). The small problems of the prefilter's stages: 2-3x cheaper
+    T (dsterf) and H^T z (dormqr). The small problems of the prefilter's stages: cheaper
     than an eigendecomposition with vectors, and parallel over sources.
 
     gram (B, m, m) float64 (symmetric, so C order is column-major); z (B, C, m) C order,

@@ -17,10 +17,9 @@ The scores, from coarse to fine (prefilter.py chains them):
 
 * ``adapted_scores``: the target's own top-k principal directions *inside* span(U), C;
   then C^T S C is the source's metric on them and the score is the exact LogME of the target
-  projected there. Adapting the directions to the target is what makes this accurate:
-  session 1 scored the target on a fixed 32-d probe and kept 87.5 % of the exact top-5 at
-  10k; the adapted score ranks every target's top-5 within its best 31 of 10k
-  (BENCHMARKS.md section 6).
+  projected there. Adapting the directions to the target is what makes this accurate, far
+  more than scoring every target on one fixed probe (BENCHMARKS.md section 6 has the ranks
+  it gives the exact top-5).
 * ``centroid_scores``: the same score and its gradient at a few points of summary space (the
   FAISS cell centres), for the FAISS stage's local linearisation.
 * ``own_subspace_scores``: the same on the target's own top-k directions in the full space,
@@ -146,7 +145,8 @@ class TargetView:
 
 def _right_singular_vectors(r: np.ndarray, k: int) -> np.ndarray:
     """Top-k right singular vectors of r, from the eigendecomposition of the smaller Gram
-    matrix (5-8x faster than an SVD here; only well-separated top directions are used)."""
+    matrix (faster than an SVD; only well-separated top directions are used, so the squared
+    condition number does no harm)."""
     k = min(k, *r.shape)
     if r.shape[0] < r.shape[1]:
         s2, u = np.linalg.eigh(r @ r.T)

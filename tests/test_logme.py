@@ -1,5 +1,6 @@
-"""The scorer: agreement with hfselect's LogME, invariances that follow from the maths,
-and refusal of bad inputs."""
+"""The scorer: agreement with the plain reference LogME (tests/reference_logme.py) and with
+hfselect's LogME, invariances that follow from the maths, the backends against each other,
+and refusal of bad inputs. Only the comparisons with hfselect need it installed."""
 
 import contextlib
 import io
@@ -10,32 +11,72 @@ import torch
 
 from esm_index.errors import InvalidESMError, InvalidTargetError, ModelMismatchError
 from esm_index.logme import TargetStats, logme, score_esms
+from reference_logme import one_hot, reference_logme
 
-hfselect_logme = pytest.importorskip("hfselect.logme")
+try:
+    import hfselect.logme as hfselect_logme
+except ImportError:  # pragma: no cover - hfselect is a test extra
+    hfselect_logme = None
+needs_hfselect = pytest.mark.skipif(hfselect_logme is None, reason="hfselect is not installed")
 
 
-def _reference(x, w, b, labels, regression=False):
-    mapped = (x @ w.T + b).astype(np.float32)
-    y = labels.astype(np.float32) if regression else labels
-    return hfselect_logme.LogME(regression=regression).fit(mapped, y)
+def by_reference(features, labels, regression=False):
+    # regression labels go through float32 on both sides, as hfselect's data loader reads them
+    y = np.asarray(labels, np.float32).astype(np.float64) if regression else one_hot(labels)
+    return reference_logme(features, y)
 
 
+def by_hfselect(features, labels, regression=False):
+    y = np.asarray(labels, np.float32) if regression else labels
+    with contextlib.redirect_stdout(io.StringIO()):  # hfselect's LogME prints per class
+        return hfselect_logme.LogME(regression=regression).fit(np.asarray(features, np.float64), y)
+
+
+# Both oracles get the mapped features in float64, as the scorer computes them: agreement to
+# rounding, not to float32's 1e-7.
+ORACLES = [pytest.param(by_reference, id="reference"), pytest.param(by_hfselect, id="hfselect", marks=needs_hfselect)]
+TOL = 1e-9
+
+
+def _mapped(x, w, b):
+    return np.asarray(x, np.float64) @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
+
+
+@needs_hfselect
+def test_the_reference_is_hfselects_logme():
+    """The oracle itself: thuml's formulas as hfselect runs them, on both sides of n vs D,
+    with absent classes, rank-deficient features and regression."""
+    rng = np.random.default_rng(12)
+    for n, d in [(90, 20), (12, 30)]:
+        x = rng.standard_normal((n, d))
+        labels = rng.choice([0, 2, 5], n)
+        assert by_reference(x, labels) == pytest.approx(by_hfselect(x, labels), abs=1e-12)
+        y = x[:, :2] @ rng.standard_normal((2, 2)) + 0.1 * rng.standard_normal((n, 2))
+        assert by_reference(x, y, True) == pytest.approx(by_hfselect(x, y, True), abs=1e-10)
+    x = rng.standard_normal((90, 8))
+    x[:, 0] = 1.0 - x[:, 1:].sum(1)
+    labels = (x[:, 1] > 0).astype(int)
+    assert by_reference(x, labels) == pytest.approx(by_hfselect(x, labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("oracle", ORACLES)
 @pytest.mark.parametrize("n,d,classes", [(300, 24, 3), (15, 24, 4), (200, 48, 7)])
-def test_classification_matches_hfselect(n, d, classes):
+def test_classification_matches(oracle, n, d, classes):
     rng = np.random.default_rng(n + d)
     x = (rng.standard_normal((n, d)) + 0.3).astype(np.float32)
     labels = rng.integers(0, classes, n)
     w = (rng.standard_normal((5, d, d)) * 0.3).astype(np.float32)
     b = rng.standard_normal((5, d)).astype(np.float32)
     stats = TargetStats.from_embeddings(x, labels)
-    ref = [_reference(x, w[i], b[i], labels) for i in range(5)]
+    expected = [oracle(_mapped(x, w[i], b[i]), labels) for i in range(5)]
     for method in ("eigh", "tridiagonal"):
         ours = score_esms(stats, torch.from_numpy(w), torch.from_numpy(b), batch_size=2, method=method)
-        np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("oracle", ORACLES)
 @pytest.mark.parametrize("method", ["eigh", "tridiagonal"])
-def test_rank_deficient_features_match_hfselect(method):
+def test_rank_deficient_features_match(oracle, method):
     """Real sentence embeddings are exactly rank-deficient ([X, 1] has null directions:
     LayerNorm makes a weighted sum of the dimensions constant). hfselect keeps those
     directions (their rounding-noise eigenvalues pass its threshold); so must we."""
@@ -48,20 +89,21 @@ def test_rank_deficient_features_match_hfselect(method):
     w = (np.eye(24) + 0.2 * rng.standard_normal((3, 24, 24))).astype(np.float32)
     b = rng.standard_normal((3, 24)).astype(np.float32)
     ours = score_esms(TargetStats.from_embeddings(x, labels), torch.from_numpy(w), torch.from_numpy(b), method=method)
-    ref = [_reference(x, w[i], b[i], labels) for i in range(3)]
-    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
-    assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-6)
+    np.testing.assert_allclose(ours, [oracle(_mapped(x, w[i], b[i]), labels) for i in range(3)], atol=TOL, rtol=0)
+    assert logme(x, labels) == pytest.approx(oracle(x, labels), abs=TOL)
 
 
-def test_absent_classes_count_like_hfselect():
+@pytest.mark.parametrize("oracle", ORACLES)
+def test_absent_classes_count_like_the_oracle(oracle):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((80, 10)).astype(np.float32)
     labels = rng.choice([0, 3, 5], 80)  # classes 1, 2, 4 absent
-    assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-8)
+    assert logme(x, labels) == pytest.approx(oracle(x, labels), abs=TOL)
 
 
+@pytest.mark.parametrize("oracle", ORACLES)
 @pytest.mark.parametrize("n,d", [(80, 10), (30, 40)])
-def test_sparse_class_ids_match_hfselect_with_one_column_per_present_class(n, d):
+def test_sparse_class_ids_match_with_one_column_per_present_class(oracle, n, d):
     """hfselect averages over classes 0..max; the absent ones share one weighted zero column
     here (both sides of n vs d), with the same score."""
     from esm_index.logme import label_matrix
@@ -71,9 +113,29 @@ def test_sparse_class_ids_match_hfselect_with_one_column_per_present_class(n, d)
     labels = rng.choice([0, 7, 300], n)
     y, weight = label_matrix(labels, regression=False)
     assert y.shape == (n, 4) and weight.sum() == pytest.approx(1.0) and weight[-1] == pytest.approx(298 / 301)
-    with contextlib.redirect_stdout(io.StringIO()):  # hfselect's LogME prints per class
-        reference = hfselect_logme.LogME().fit(x, labels)
-    assert logme(x, labels) == pytest.approx(reference, abs=1e-9)
+    assert logme(x, labels) == pytest.approx(oracle(x, labels), abs=TOL)
+
+
+@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("columns", [1, 3])
+def test_regression_matches(oracle, columns):
+    rng = np.random.default_rng(columns)
+    x = rng.standard_normal((120, 16)).astype(np.float32)
+    y = x[:, :columns] @ rng.standard_normal((columns, columns)) + 0.1 * rng.standard_normal((120, columns))
+    labels = y[:, 0] if columns == 1 else y
+    w = (rng.standard_normal((3, 16, 16))).astype(np.float32)
+    b = np.zeros((3, 16), np.float32)
+    ours = score_esms(TargetStats.from_embeddings(x, labels, regression=True), torch.from_numpy(w), torch.from_numpy(b))
+    expected = [oracle(_mapped(x, w[i], b[i]), labels, regression=True) for i in range(3)]
+    np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("oracle", ORACLES)
+def test_identity_map_equals_plain_logme(oracle):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((150, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 150)
+    assert logme(x, labels) == pytest.approx(oracle(x, labels), abs=TOL)
 
 
 def test_huge_class_ids_cost_no_memory():
@@ -116,19 +178,6 @@ def test_constant_regression_labels_are_refused():
         TargetStats.from_embeddings(np.random.default_rng(0).standard_normal((30, 4)), np.full(30, 2.5), True)
 
 
-@pytest.mark.parametrize("columns", [1, 3])
-def test_regression_matches_hfselect(columns):
-    rng = np.random.default_rng(columns)
-    x = rng.standard_normal((120, 16)).astype(np.float32)
-    y = x[:, :columns] @ rng.standard_normal((columns, columns)) + 0.1 * rng.standard_normal((120, columns))
-    labels = y[:, 0] if columns == 1 else y
-    w = (rng.standard_normal((3, 16, 16))).astype(np.float32)
-    b = np.zeros((3, 16), np.float32)
-    ours = score_esms(TargetStats.from_embeddings(x, labels, regression=True), torch.from_numpy(w), torch.from_numpy(b))
-    ref = [_reference(x, w[i], b[i], labels, regression=True) for i in range(3)]
-    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=0)
-
-
 def test_orthogonal_rotation_of_the_output_leaves_the_score_unchanged():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((200, 20))
@@ -151,13 +200,6 @@ def test_the_score_depends_on_the_map():
     scores = score_esms(TargetStats.from_embeddings(x, labels), torch.tensor(np.stack([keep_signal, kill_signal])),
                         torch.zeros(2, 20, dtype=torch.float64))
     assert scores[0] > scores[1] + 0.05
-
-
-def test_identity_map_equals_plain_logme():
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((150, 12)).astype(np.float32)
-    labels = rng.integers(0, 3, 150)
-    assert logme(x, labels) == pytest.approx(hfselect_logme.LogME().fit(x, labels), abs=1e-9)
 
 
 def test_uniform_scaling_of_features_leaves_logme_unchanged():
@@ -193,21 +235,94 @@ def test_bad_maps_are_refused():
         score_esms(stats, w, torch.zeros(1, 3))
 
 
-@pytest.mark.parametrize("kernel_side", [True, False])
-def test_compiled_fixed_point_equals_the_torch_loop(kernel_side):
-    """The CPU path runs each (source, column) pair's fixed point in numba, stopping it on
-    its own; the torch loop (GPU path) carries every pair along. Same numbers."""
-    from esm_index.logme import EigTerms, fixed_point
+# ---- the backends against each other and against the reference ----------------------------
+def _grams(seed, batch=16, size=20, columns=4, rank=20):
+    """Random Gram matrices (batch, size, size) of the given rank, right-hand sides, |y|^2."""
+    rng = np.random.default_rng(seed)
+    a = torch.from_numpy(rng.standard_normal((batch, size, rank)))
+    gram = a @ a.transpose(1, 2) * torch.from_numpy(rng.uniform(0.01, 10, (batch, 1, 1)))
+    rhs = torch.from_numpy(rng.standard_normal((batch, size, columns)))
+    return gram, rhs, (rhs * rhs).sum(1)[0] * 3
 
-    rng = np.random.default_rng(0)
-    a = torch.from_numpy(rng.standard_normal((16, 20, 20)))
-    gram = a @ a.transpose(1, 2) * torch.from_numpy(rng.uniform(0.01, 10, (16, 1, 1)))
-    rhs = torch.from_numpy(rng.standard_normal((16, 20, 4)))
-    terms = EigTerms(gram, rhs, kernel_side, (rhs * rhs).sum(1)[0] * 3)
-    compiled = fixed_point(terms, terms.sigma, terms.keep, 50, 30, 4, params=True)
-    looped = fixed_point(lambda t, active: terms(t), terms.sigma, terms.keep, 50, 30, 4, params=True)
+
+@pytest.mark.parametrize("kernel_side,drop_null", [(True, 0), (False, 0), (True, 5)])
+def test_compiled_loop_equals_the_torch_loop(kernel_side, drop_null):
+    """The CPU runs each (source, column) pair's fixed point compiled, stopping it on its own;
+    the torch loop (GPU) steps every pair together, asking only the unfinished ones for their
+    sums. Same numbers."""
+    from esm_index.logme import COMPILED, TORCH, EigTerms, fixed_point
+
+    gram, rhs, yy = _grams(0)
+    terms = EigTerms(gram, rhs, kernel_side, yy, drop_null=drop_null)
+    compiled = fixed_point(terms, 50, 30, loop=COMPILED, params=True)
+    looped = fixed_point(terms, 50, 30, loop=TORCH, params=True)
     for c, lp in zip(compiled, looped):
         torch.testing.assert_close(c, lp, rtol=1e-10, atol=1e-12)
+
+
+def test_eig_terms_sum_only_the_active_pairs():
+    from esm_index.logme import EigTerms
+
+    gram, rhs, yy = _grams(1)
+    terms = EigTerms(gram, rhs, True, yy)
+    t = torch.from_numpy(np.random.default_rng(2).uniform(0.1, 5, terms.shape))
+    active = torch.from_numpy(np.random.default_rng(3).random(terms.shape) < 0.4)
+    every, some = terms.sums(t), terms.sums(t, active)
+    for full, part in zip(every, some):
+        torch.testing.assert_close(part[active], full[active], rtol=1e-12, atol=0)
+        assert (part[~active] == 0).all()
+
+
+@pytest.mark.parametrize("drop_null", [0, 6])
+def test_tridiagonal_terms_equal_eig_terms(drop_null):
+    """The resolvent solves give the dense sums without eigenvectors, and the same spectrum
+    (``drop_null`` leaves out eigenvalues that are structural zeros, as in ``score_grams``)."""
+    from esm_index.logme import EigTerms, TridiagonalTerms
+
+    gram, rhs, yy = _grams(4, rank=20 - drop_null)
+    dense, tri = EigTerms(gram, rhs, True, yy, drop_null), TridiagonalTerms.from_grams(gram, rhs, yy, drop_null)
+    assert torch.equal(dense.keep, tri.keep)
+    torch.testing.assert_close(tri.sigma, dense.sigma, rtol=1e-9, atol=1e-9)
+    t = torch.from_numpy(np.random.default_rng(5).uniform(0.1, 5, dense.shape))
+    for a, b in zip(tri.sums(t), dense.sums(t)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n,k,out_dim", [(15, 6, 20), (60, 12, 8)])
+def test_small_grams_score_the_features_they_stand_for(n, k, out_dim):
+    """``score_grams`` on A = R (W^T W) R^T for X = Q R is the LogME of the n x out_dim
+    features X W^T: the kernel side counts the n - k eigenvalues it does not form, the
+    feature side drops the k - out_dim structural zeros. Both backends."""
+    from esm_index.logme import score_grams
+
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, k))
+    labels = rng.integers(0, 3, n)
+    w = torch.from_numpy(rng.standard_normal((4, out_dim, k)))
+    q, r = torch.linalg.qr(torch.from_numpy(x))
+    y = torch.from_numpy(one_hot(labels))
+    target = TargetStats(r=r, qty=q.T @ y, yy=(y * y).sum(0), n=n, dim=k)
+    gram = r @ (w.transpose(1, 2) @ w) @ r.T
+    expected = [reference_logme(x @ w[i].numpy().T, one_hot(labels)) for i in range(4)]
+    np.testing.assert_allclose(score_grams(target, gram, out_dim).numpy(), expected, atol=TOL, rtol=0)
+    # the "eigh" backend; its value is the evidence at the converged alpha, beta (sums at the
+    # final t, not the last step's), so it agrees to the iteration's tolerance, not rounding
+    smooth = score_grams(target, gram, out_dim, differentiable=True)
+    np.testing.assert_allclose(smooth.detach().numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_the_backend_table():
+    from esm_index.logme import COMPILED, EIGH, TORCH, TRIDIAGONAL, Backend, choose_backend
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend(cpu, 64, eigh_up_to=64) == Backend(EIGH, COMPILED)
+    assert choose_backend(cpu, 65, eigh_up_to=64) == Backend(TRIDIAGONAL, TORCH)
+    assert choose_backend(gpu, 384, eigh_up_to=64) == Backend(EIGH, TORCH)
+    assert choose_backend(cpu, 384, EIGH, eigh_up_to=64) == Backend(EIGH, COMPILED)
+    assert choose_backend(cpu, 8, TRIDIAGONAL, eigh_up_to=64) == Backend(TRIDIAGONAL, TORCH)
+    assert choose_backend(cpu, 384, eigh_up_to=64, tridiagonal_ok=False) == Backend(EIGH, COMPILED)
+    with pytest.raises(ValueError, match="unknown scoring method"):
+        choose_backend(cpu, 8, "svd", eigh_up_to=64)
 
 
 def test_one_blas_thread_restores_the_setting_after_overlapping_queries():
