@@ -33,14 +33,22 @@ def test_import_info_list_rank_export_verify(runner, index_dir, esm_dirs, tmp_pa
     assert [r["rank"] for r in ranking["results"]] == [1, 2, 3] and ranking["pool_size"] == 12
     assert ranking["results"][0]["score"] >= ranking["results"][1]["score"] and "exact" in ranking["timings"]
 
+    # Through the prefilter: stage sizes below the pool's 12 sources, so that the FAISS,
+    # approximate and refining stages all run (the default shortlist of 32 would score all 12
+    # exactly); the exact top-1 survives them.
+    staged = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
+                                             "--label-col", "label", "--top", "3", "--shortlist", "3",
+                                             "--candidates", "8", "--refine", "5", "--json"]))
     exact = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
                                             "--label-col", "label", "--top", "12", "--exact", "--json"]))
-    assert exact["results"][0]["source"] == ranking["results"][0]["source"]
+    stages = {"faiss", "approximate", "refine"}
+    assert stages <= set(staged["timings"]) and not stages & set(exact["timings"])
+    assert exact["results"][0]["source"] == staged["results"][0]["source"] == ranking["results"][0]["source"]
     french = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
                                              "--label-col", "label", "--language", "fr", "--json"]))
     assert french["pool_size"] == 6 and all(r["meta"]["language"] == "fr" for r in french["results"])
     csv_out = runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
-                                   "--label-col", "label", "--top", "2", "--csv"]).output.splitlines()
+                                   "--label-col", "label", "--top", "2", "--csv"]).stdout.splitlines()
     assert csv_out[0].startswith("rank,source,score") and len(csv_out) == 3
 
     assert runner.invoke(main, ["export", str(index_dir), str(tmp_path / "out")]).exit_code == 0

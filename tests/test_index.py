@@ -153,10 +153,23 @@ def test_damaged_or_deleted_faiss_files_are_detected_and_rebuilt(index):
 
 
 def test_a_stale_prefilter_is_noticed(index):
+    """Files that are present and intact but older than the store: verify reports them,
+    and a reader builds a current prefilter in memory instead of using them."""
     _fill(index, 5)
     index.rebuild()
+    assert SourceIndex(index.folder, readonly=True).verify() == []
+
+    def prefilter_files():
+        return {p.name: p.read_bytes() for p in index.folder.iterdir() if p.suffix in (".faiss", ".json")}
+
+    written = prefilter_files()
+    assert FAISS_FILE in written
     _fill(index, 5, seed=1)  # written after the FAISS files
-    assert any("stale" in p for p in SourceIndex(index.folder, readonly=True).verify())
+    reader = SourceIndex(index.folder, readonly=True)
+    assert prefilter_files() == written  # the very files that verified clean: not missing, not damaged
+    assert any("stale" in p for p in reader.verify())
+    assert sorted(reader.prefilter().ids()) == sorted(reader.store.ids()) and len(reader.store.ids()) == 10
+    assert prefilter_files() == written  # read-only: rebuilt in memory, nothing written
 
 
 def test_not_an_index(tmp_path):
@@ -211,13 +224,19 @@ def test_killed_import_loses_nothing_committed_and_resumes(index):
     reader = SourceIndex(index.folder, readonly=True)
     texts, labels = _target(60)
     x = index.embed(texts)
+    seen = []
     for _ in range(3):
-        assert reader.rank_embeddings(x, labels, top=3).pool_size >= 0
+        ranking = reader.rank_embeddings(x, labels, top=3)
+        seen.append(ranking.pool_size)
+        # each query sees whole committed batches and ranks the sources it sees
+        assert ranking.pool_size % 8 == 0 and len(ranking.results) == min(3, ranking.pool_size)
+        assert all(r["source"].startswith("k") for r in ranking.results)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = len(SourceIndex(index.folder))
     assert 0 < partial < 400 and partial % 8 == 0  # whole batches only
+    assert seen == sorted(seen) and seen[-1] <= partial  # commits only ever add
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert "finished" in proc.stdout, proc.stderr
     resumed = SourceIndex(index.folder)

@@ -8,7 +8,7 @@ from esm_index.logme import TargetStats, score_esms
 from esm_index.summary import (TargetView, adapted_scores, centroid_scores, join_probe, own_subspace_scores,
                                probe_dim, summarize, unvec)
 
-D = 40  # > LEAD, so the leading block is a strict sub-block
+D = 40  # embedding and map dimension; the probes below keep some or all of the D + 1 directions
 
 
 @pytest.fixture
@@ -65,10 +65,33 @@ def test_in_the_full_space_the_cheap_stages_are_exact(pool, target, n):
     refined = own_subspace_scores(view, w, b, k=D + 1)
     np.testing.assert_allclose(adapted, exact, atol=2e-4)
     np.testing.assert_allclose(refined, exact, atol=2e-4)
-    # and on fewer directions they are approximations that still rank like the exact score
+
+
+def test_on_fewer_directions_the_cheap_stages_rank_like_the_exact_score():
+    """On 20 of the 41 directions the scores are approximations, yet they order sources as
+    the exact score does. The pool differs where it matters: source s keeps a share
+    ``keep[s]`` of the target's two class-mean directions (plus noise), so the exact scores
+    spread and the best sources are the ones that keep the signal. (Over seeds 0-7 of this
+    construction: Spearman 0.76-0.92 approximate, 0.97-0.99 refining; the exact top-3 always
+    within the approximate top-8.)"""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    means = rng.standard_normal((3, D))
+    x = rng.standard_normal((120, D)) + 0.8 * means[y]
+    signal = np.linalg.qr((means - means.mean(0)).T)[0][:, :2]  # (D, 2)
+    keep = np.linspace(0, 1, 24)
+    w = np.stack([np.eye(D) - (1 - a) * signal @ signal.T for a in keep]) + 0.3 * rng.standard_normal((24, D, D)) / np.sqrt(D)
+    w, b = w.astype(np.float32), (0.1 * rng.standard_normal((24, D))).astype(np.float32)
+    exact = score_esms(TargetStats.from_embeddings(x, y), torch.from_numpy(w), torch.from_numpy(b))
+    view = TargetView.from_embeddings(x, y)
     part = orthonormal(D + 1, 20, 7)
     approx = adapted_scores(view, part, summarize(w, b, part), D, k=20)
-    assert not np.allclose(approx, exact, atol=1e-3)
+    refined = own_subspace_scores(view, w, b, k=20)
+    assert not np.allclose(approx, exact, atol=1e-2) and not np.allclose(refined, exact, atol=1e-2)
+    assert spearmanr(approx, exact)[0] > 0.6 and spearmanr(refined, exact)[0] > 0.9
+    assert set(np.argsort(-exact)[:3]) <= set(np.argsort(-approx)[:8])
 
 
 def test_centroid_scores_are_adapted_scores_and_their_gradient(pool, target):
