@@ -114,3 +114,11 @@ def check_stages(top: int, shortlist: int | None, exact: bool, candidates: int |
     if not exact and shortlist is not None and shortlist < top:
         raise InvalidArgumentError(f"shortlist ({shortlist}) is smaller than top ({top}): only {shortlist} "
                                    f"sources would be ranked; raise shortlist or use exact")
+
+
+def check_method(method: str) -> None:
+    """Refuse a ranking method that does not exist (before any slow step)."""
+    from .results import METHODS
+
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown ranking method {method!r}; one of {', '.join(METHODS)}")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import click
 
-from .display import Group, info_lines, model_options, show_progress, source_table, target_kind
+from .display import (METHOD_NAMES, Group, info_lines, model_options, ranking_table, show_progress, source_table,
+                      target_kind)
 from .errors import plural
+from .results import DEFAULT_METHOD, METHODS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -223,6 +225,9 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--refine", type=int, default=None,
               help="Sources the refining stage scores from full maps (default by pool size: 64, or 384 above 20k).")
 @click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter).")
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="Order by ESM-LogME and domain similarity together, by ESM-LogME alone (the paper), "
+                   "or by domain similarity alone.")
 @click.option("--task-type", "f_task", default=None, help="Only sources of this task type.")
 @click.option("--language", "f_language", default=None, help="Only sources in this language.")
 @click.option("--tag", "f_tags", multiple=True, help="Only sources with this tag (repeatable).")
@@ -234,15 +239,15 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
                    "ESM_INDEX_TOKEN); --index then names a served index or its folder.")
 @model_options
 @friendly
-def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, f_task,
-         f_language, f_tags, min_size, as_json, as_csv, server, device, batch_size):
+def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, method,
+         f_task, f_language, f_tags, min_size, as_json, as_csv, server, device, batch_size):
     """Rank the pool's sources for a labelled target file (CSV, TSV, JSONL, JSON or Parquet)."""
     from .results import DEFAULT_SHORTLIST, Filters
 
     if as_json and as_csv:
         _fail("--json and --csv exclude each other: pick one output format")
     options = dict(top=top, exact=exact, shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
-                   refine=refine, filters=Filters(f_task, f_language, f_tags, min_size))
+                   refine=refine, filters=Filters(f_task, f_language, f_tags, min_size), method=method)
     startup = _command_seconds()
     if server:
         if device is not None or batch_size != 64:
@@ -280,19 +285,18 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(["rank", "source", "score", "approx_score", "language", "num_examples"])
+        writer.writerow(["rank", "source", "score", "esm_logme", "domain_similarity", "approx_score", "language",
+                         "num_examples"])
+        six = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731  (the digits beyond are rounding noise)
         for r in ranking.results:
-            approx = r.get("approx_score")  # 6 decimals like the score: the digits beyond are rounding noise
-            writer.writerow([r["rank"], r["source"], f"{r['score']:.6f}", "" if approx is None else f"{approx:.6f}",
+            writer.writerow([r["rank"], r["source"], six(r["score"]), six(r.get("esm_logme")),
+                             six(r.get("domain_similarity")), six(r.get("approx_score")),
                              r["meta"].get("language", ""), r["meta"].get("num_examples", "")])
     else:
         click.echo(f"{plural(ranking.target['examples'], 'target example')} ({target_kind(ranking.target)}), "
-                   f"{plural(ranking.pool_size, 'source')}, "
+                   f"{plural(ranking.pool_size, 'source')}, ranked by {METHOD_NAMES[ranking.method]}, "
                    f"{ranking.timings['total']:.2f} s")
-        click.echo(f"{'rank':>4}  {'score':>9}  source")
-        for r in ranking.results:
-            extra = ", ".join(str(v) for v in (r["meta"].get("title"), r["meta"].get("language")) if v)
-            click.echo(f"{r['rank']:>4}  {r['score']:>9.4f}  {r['source']}" + (f"  ({extra})" if extra else ""))
+        click.echo("\n".join(ranking_table(ranking.results)))
 
 
 def _rank_remote(url: str, folder, target_file, text_cols, label_cols, task, options: dict):
@@ -347,16 +351,16 @@ def serve(indexes, host, port, token, workers, threads_per_query, max_body_mb, m
 @friendly
 def info(folder, as_json):
     """The index's manifest and size."""
-    from .prefilter import FAISS_FILE
+    from .prefilter import DOMAIN_FILE, FAISS_FILE
 
     with _open(folder, readonly=True) as index:
         m = index.manifest
-        faiss_path = Path(folder) / FAISS_FILE
+        faiss_paths = [Path(folder) / name for name in (FAISS_FILE, DOMAIN_FILE)]
         data = {"sources": len(index), "model": m["embedding"]["model_name"], "embedding": m["embedding"],
                 "dim": m["dim"], "esm_dtype": m["esm_dtype"], "summary_dim": m["summary_dim"],
                 "schema_version": m["schema_version"], "generation": index.store.generation(),
                 "lmdb_bytes": index.store.disk_bytes(),
-                "faiss_bytes": faiss_path.stat().st_size if faiss_path.exists() else 0,
+                "faiss_bytes": sum(p.stat().st_size for p in faiss_paths if p.exists()),
                 "prefilter": _prefilter_kind(Path(folder))}
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 from . import errors
-from .results import Filters, Ranking
+from .results import DEFAULT_METHOD, Filters, Ranking
 
 SERVER_ENV = "ESM_INDEX_SERVER"
 TOKEN_ENV = "ESM_INDEX_TOKEN"
@@ -53,31 +53,32 @@ class Client:
     # ---- the ranking calls (SourceIndex's signatures) -----------------------------------
     def rank(self, texts: Sequence, labels, task: str | None = "classification", top: int = 10,
              shortlist: int | None = SERVER_DEFAULT, candidates: int | None = None, exact: bool = False,
-             filters: Filters | None = None, progress: bool = False, refine: int | None = None) -> Ranking:
+             filters: Filters | None = None, progress: bool = False, refine: int | None = None,
+             method: str = DEFAULT_METHOD) -> Ranking:
         """Rank for a target of texts and labels; the server embeds the texts (and caches
         them). ``task=None`` lets the server guess it, as the CLI does for a file; labels
         that are not class ids are numbered in sorted order, as in a file. ``progress`` is
         accepted for signature compatibility and ignored."""
         target = {"texts": [t if isinstance(t, str) else list(t) for t in texts], "labels": _plain(labels),
                   "task": task}
-        return self.rank_many([target], top, shortlist, candidates, exact, filters, refine)[0]
+        return self.rank_many([target], top, shortlist, candidates, exact, filters, refine, method)[0]
 
     def rank_embeddings(self, x, labels, task: str | None = "classification", top: int = 10,
                         shortlist: int | None = SERVER_DEFAULT, candidates: int | None = None,
                         exact: bool = False, filters: Filters | None = None,
-                        refine: int | None = None) -> Ranking:
+                        refine: int | None = None, method: str = DEFAULT_METHOD) -> Ranking:
         """Rank from base-model embeddings (n, d) of the target (a numpy array or lists)."""
         target = {"embeddings": _plain(x), "labels": _plain(labels), "task": task}
-        return self.rank_many([target], top, shortlist, candidates, exact, filters, refine)[0]
+        return self.rank_many([target], top, shortlist, candidates, exact, filters, refine, method)[0]
 
     def rank_many(self, targets: Sequence[dict], top: int = 10, shortlist: int | None = SERVER_DEFAULT,
                   candidates: int | None = None, exact: bool = False, filters: Filters | None = None,
-                  refine: int | None = None) -> list[Ranking]:
+                  refine: int | None = None, method: str = DEFAULT_METHOD) -> list[Ranking]:
         """Several targets in one request (the AutoML case), each a dict with ``texts`` or
         ``embeddings``, ``labels`` and optionally ``task``; one ``Ranking`` per target, in
         order. Every target is checked before any is ranked."""
         body: dict = {"targets": [{k: _plain(v) for k, v in t.items()} for t in targets], "top": top,
-                      "candidates": candidates, "exact": exact, "refine": refine,
+                      "candidates": candidates, "exact": exact, "refine": refine, "method": method,
                       "filters": asdict(filters) if filters else None}
         if self.index is not None:
             body["index"] = self.index

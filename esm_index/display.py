@@ -91,6 +91,25 @@ def source_table(sources: list[dict]) -> list[str]:
     return [line.rstrip() for line in lines] + [plural(len(rows), "source")]
 
 
+METHOD_NAMES = {"combined": "ESM-LogME + domain similarity", "esm-logme": "ESM-LogME",
+                "domain": "domain similarity"}
+
+
+def ranking_table(results: list[dict]) -> list[str]:
+    """``esm-index rank`` for people: the ranking score, then its two parts (ESM-LogME, and
+    the cosine of the target's and the source's mean embeddings; "-" where a source has no
+    domain vector), then the source with its title and language."""
+    lines = [f"{'rank':>4}  {'score':>7}  {'ESM-LogME':>9}  {'domain':>6}  source"]
+    for r in results:
+        extra = ", ".join(str(v) for v in (r["meta"].get("title"), r["meta"].get("language")) if v)
+        dom = r.get("domain_similarity")
+        logme = r.get("esm_logme", r["score"])  # a server of an older version sends score only
+        score = "-" if r["score"] is None else f"{r['score']:.3f}"  # None: no domain vector, by "domain"
+        lines.append(f"{r['rank']:>4}  {score:>7}  {logme:>9.4f}  {'-' if dom is None else f'{dom:.3f}':>6}  "
+                     f"{r['source']}" + (f"  ({extra})" if extra else ""))
+    return lines
+
+
 def target_kind(target: dict) -> str:
     """'classification, 2 classes' or 'regression, 1 label column', for the header line."""
     if target.get("task") == "regression":

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .data import LabelledData
+from .domain import DOMAIN_KEY, domain_vector
 from .embed import Embedder
 from .esm import ESM, fit_ridge
 
@@ -134,10 +135,13 @@ def _batches(n: int, batch_size: int, steps: int):
 
 
 def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bool = False) -> ESM:
-    """Embed ``texts`` with the base and the fine-tuned encoder; fit the map between them."""
+    """Embed ``texts`` with the base and the fine-tuned encoder; fit the map between them.
+    The texts' mean base embedding is kept too, as the source's domain vector (domain.py)."""
     base = embedder.embed(texts, progress=progress)
     tuned = embedder.with_model(tuned_encoder).embed(texts, progress=progress)
-    return fit_ridge(base, tuned)
+    esm = fit_ridge(base, tuned)
+    esm.meta[DOMAIN_KEY] = domain_vector(base)
+    return esm
 
 
 def build_esm(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,

@@ -24,7 +24,8 @@ import numpy as np
 
 from .data import LabelledData
 from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, checked_device
-from .checks import check_labels, check_positive, check_size, check_stages, dense_classes
+from .checks import check_labels, check_method, check_positive, check_size, check_stages, dense_classes
+from .domain import DEFAULT_METHOD, DOMAIN_KEY
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
@@ -227,7 +228,10 @@ class SourceIndex:
 
     # ---- listing and export --------------------------------------------------------------
     def sources(self) -> list[dict]:
-        return [{"id": i, **m} for i, m in self.store.iter_meta()]
+        """Every source's id and metadata; the 384-float domain vector is replaced by whether
+        there is one (``get_esm`` and ``export`` keep it)."""
+        return [{"id": i, **{k: v for k, v in m.items() if k != DOMAIN_KEY}, "has_domain_vector": DOMAIN_KEY in m}
+                for i, m in self.store.iter_meta()]
 
     def get_esm(self, name: str) -> ESM:
         sid = self.store.id_of(name)
@@ -317,17 +321,20 @@ class SourceIndex:
     def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
              shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
              exact: bool = False, filters: Filters | None = None, progress: bool = False,
-             refine: int | None = None) -> Ranking:
+             refine: int | None = None, method: str = DEFAULT_METHOD) -> Ranking:
         """Rank the pool's sources for a target given as texts and labels (class ids, or
-        floats for regression). Bad targets are refused before the (slow) embedding."""
+        floats for regression). Bad targets are refused before the (slow) embedding.
+        ``method``: "combined" (ESM-LogME and domain similarity, the default), "esm-logme"
+        (the paper's score alone) or "domain" (domain similarity alone); see domain.py."""
         check_labels(labels, task, len(texts))
         check_size(len(texts))
         check_stages(top, shortlist, exact, candidates, refine)
+        check_method(method)
         if filters and not any(filters.accepts(m) for _, m in self.store.iter_meta()):  # stops at a match
             raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
-        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
+        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine, method)
         ranking.timings = {"embed": round(time.perf_counter() - t0 - sum(ranking.timings.values()), 4),
                            **ranking.timings}
         return ranking
@@ -335,15 +342,17 @@ class SourceIndex:
     def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", top: int = 10,
                         shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
                         exact: bool = False, filters: Filters | None = None,
-                        refine: int | None = None) -> Ranking:
+                        refine: int | None = None, method: str = DEFAULT_METHOD) -> Ranking:
         """Rank from precomputed base-model embeddings (n, d) of the target."""
         from .logme import one_blas_thread
 
         with one_blas_thread():
-            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine)
+            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine, method)
 
     def _rank_embeddings(self, x: np.ndarray, labels, task: str, top: int, shortlist: int | None,
-                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None) -> Ranking:
+                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None,
+                         method: str) -> Ranking:
+        from .domain import combine, similarities
         from .logme import TargetStats, score_esms
 
         regression = task == "regression"
@@ -354,6 +363,7 @@ class SourceIndex:
         about = check_labels(labels, task, len(x))
         warnings = check_size(len(x), self.manifest["dim"])
         check_stages(top, shortlist, exact, candidates, refine)
+        check_method(method)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -381,21 +391,37 @@ class SourceIndex:
             lap("prepare")
             found, w, b, stage = prefilter_shortlist(self.store, self.probe, prefilter, target, allowed,
                                                      shortlist, candidates, refine, lap)
+            if method != "esm-logme":  # the nearest domains are scored too, whatever their approximate score
+                near = prefilter.domain.search(x, shortlist, allowed)
+                found_near, w_near, b_near = self.store.esms(near[~np.isin(near, found)])
+                found, w, b = (np.concatenate([found, found_near]), np.concatenate([w, w_near]),
+                               np.concatenate([b, b_near]))
         lap("load")
         import torch
 
-        scores = score_esms(target, torch.from_numpy(w), torch.from_numpy(b)) if len(found) else np.zeros(0)
+        logme = score_esms(target, torch.from_numpy(w), torch.from_numpy(b)) if len(found) else np.zeros(0)
         lap("exact")
-        order = np.argsort(-scores, kind="stable")[:top]
-        metas = self.store.metas(found[order])
+        metas = self.store.metas(found)
+        domain = similarities(x, metas)
+        if method == "combined" and not np.isfinite(domain).any():
+            method = "esm-logme"  # no source scored has a domain vector (hfselect's ESMs): say what ranked
+        elif method == "domain" and len(found) and not np.isfinite(domain).any():
+            raise NoSourcesError("no source scored has a domain vector, so there is nothing to rank by domain "
+                                 "similarity (sources made by 'esm-index add' or tools/build_pool.py have one)")
+        scores = combine(logme, domain, method)
+        order = np.lexsort((-logme, -scores))[:top]  # ties (no domain vector, by "domain"): by ESM-LogME
         results = []
-        for rank, (j, meta) in enumerate(zip(order, metas), 1):
-            sid = int(found[j])
-            result = {"rank": rank, "source": meta["name"], "score": float(scores[j]), "approx_score": None,
-                      **stage.get(sid, {})}
-            result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", "domain_mean")}
+        for rank, j in enumerate(order, 1):
+            sid, meta = int(found[j]), metas[j]
+            result = {"rank": rank, "source": meta["name"],
+                      "score": float(scores[j]) if np.isfinite(scores[j]) else None,
+                      "esm_logme": float(logme[j]),
+                      "domain_similarity": float(domain[j]) if np.isfinite(domain[j]) else None,
+                      "approx_score": None, **stage.get(sid, {})}
+            result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", DOMAIN_KEY)}
             results.append(result)
-        return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings)
+        return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings,
+                       method=method)
 
 
 def _source_meta(esm: ESM) -> dict:

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .domain import DomainSearch, domain_batches
 from .logme import TargetStats
 from .results import DEFAULT_SHORTLIST
 from .summary import TargetView, adapted_scores, centroid_scores, own_subspace_scores
@@ -104,6 +105,7 @@ def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetSt
 
 # ---- the FAISS index ---------------------------------------------------------------------
 FAISS_FILE = "prefilter.faiss"
+DOMAIN_FILE = "domain.faiss"  # domain.DomainSearch: the nearest domain vectors
 META_FILE = "prefilter.json"
 PCA_DIM = 64  # coordinates per source in the FAISS index
 MAX_LISTS = 1024  # K-means cells (the centroids whose gradients a query computes)
@@ -120,6 +122,7 @@ class Prefilter:
     generation: int
     index: object  # faiss.IndexPreTransform(LinearTransform: PCA, IndexIVFFlat)
     mean: np.ndarray  # (width,) mean summary vector
+    domain: DomainSearch  # the sources' domain vectors (domain.py), searched beside the summaries
 
     def __post_init__(self) -> None:
         import faiss
@@ -197,7 +200,8 @@ def build_prefilter(store, generation: int, seed: int = 0) -> Prefilter:
     index = faiss.IndexPreTransform(pca, ivf)
     for chunk_ids, vecs in store.iter_summaries():
         index.add_with_ids(np.ascontiguousarray(vecs), chunk_ids)
-    return Prefilter(generation, index, mean)
+    return Prefilter(generation, index, mean, DomainSearch.build(store.manifest["dim"],
+                                                                 domain_batches(store, store.manifest["dim"])))
 
 
 def save_prefilter(folder: Path, prefilter: Prefilter) -> None:
@@ -205,12 +209,15 @@ def save_prefilter(folder: Path, prefilter: Prefilter) -> None:
     import faiss
 
     data = faiss.serialize_index(prefilter.index).tobytes()
-    tmp = folder / f"{FAISS_FILE}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, folder / FAISS_FILE)
+    domain = faiss.serialize_index(prefilter.domain.index).tobytes()
+    for name, raw in ((FAISS_FILE, data), (DOMAIN_FILE, domain)):
+        tmp = folder / f"{name}.tmp"
+        tmp.write_bytes(raw)
+        os.replace(tmp, folder / name)
     info = {"generation": prefilter.generation, "count": int(prefilter.index.ntotal),
             "factory": f"PCA{prefilter.basis.shape[0]},IVF{prefilter.ivf.nlist},Flat (inner product)",
-            "sha256": hashlib.sha256(data).hexdigest(), "mean_summary": prefilter.mean.tolist()}
+            "sha256": hashlib.sha256(data).hexdigest(), "mean_summary": prefilter.mean.tolist(),
+            "domain_count": len(prefilter.domain), "domain_sha256": hashlib.sha256(domain).hexdigest()}
     tmp = folder / f"{META_FILE}.tmp"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, folder / META_FILE)
@@ -225,10 +232,12 @@ def load_prefilter(folder: Path, generation: int) -> Prefilter | None:
         info = json.loads((folder / META_FILE).read_text())
         if info.get("generation") != generation:
             return None
-        data = (folder / FAISS_FILE).read_bytes()
-        if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        data, domain = (folder / FAISS_FILE).read_bytes(), (folder / DOMAIN_FILE).read_bytes()
+        if (hashlib.sha256(data).hexdigest() != info.get("sha256")
+                or hashlib.sha256(domain).hexdigest() != info.get("domain_sha256")):
             return None
         index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
-        return Prefilter(generation, index, np.asarray(info["mean_summary"], np.float32))
+        return Prefilter(generation, index, np.asarray(info["mean_summary"], np.float32),
+                         DomainSearch(faiss.deserialize_index(np.frombuffer(domain, np.uint8))))
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError):  # AttributeError: an older layout
         return None

@@ -13,27 +13,36 @@ from typing import Sequence
 DEFAULT_SHORTLIST = 32
 """Sources scored exactly after the prefilter (prefilter.py explains the stages)."""
 
+METHODS = ("combined", "esm-logme", "domain")
+"""How the scored sources are ordered (domain.py): ESM-LogME plus domain similarity (the
+default), the paper's ESM-LogME alone, or domain similarity alone (a baseline)."""
+DEFAULT_METHOD = "combined"
+
 
 @dataclass
 class Ranking:
-    """Best source first. ``timings`` are seconds per stage; ``target`` says what was scored
-    (examples, task, classes); ``warnings`` are reasons to trust the scores less."""
+    """Best source first. Each result has ``score`` (what ``method`` orders by), its parts
+    ``esm_logme`` and ``domain_similarity`` (None for a source without a domain vector), the
+    prefilter's stage scores and ``meta``. ``timings`` are seconds per stage; ``target`` says
+    what was scored (examples, task, classes); ``warnings`` are reasons to trust the scores less."""
 
     results: list[dict]
     pool_size: int
     timings: dict = field(default_factory=dict)
     target: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    method: str = DEFAULT_METHOD
 
     def to_dict(self) -> dict:
-        return {"results": self.results, "pool_size": self.pool_size, "target": self.target,
-                "warnings": self.warnings, "timings": self.timings}
+        return {"method": self.method, "results": self.results, "pool_size": self.pool_size,
+                "target": self.target, "warnings": self.warnings, "timings": self.timings}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Ranking":
         """The inverse of ``to_dict`` (a ranking sent over HTTP)."""
         return cls(list(data["results"]), int(data["pool_size"]), dict(data.get("timings") or {}),
-                   dict(data.get("target") or {}), list(data.get("warnings") or []))
+                   dict(data.get("target") or {}), list(data.get("warnings") or []),
+                   str(data.get("method") or DEFAULT_METHOD))
 
 
 @dataclass

@@ -43,7 +43,7 @@ from .checks import check_labels, check_size
 from .data import labelled
 from .errors import EsmIndexError, IndexStoreError, InvalidArgumentError
 from .index import SourceIndex
-from .results import DEFAULT_SHORTLIST, Filters, Ranking
+from .results import DEFAULT_METHOD, DEFAULT_SHORTLIST, Filters, Ranking
 
 log = logging.getLogger("esm_index.server")
 OPEN_PATHS = ("/health",)  # answered without the token: a load balancer's liveness probe
@@ -97,9 +97,11 @@ class RankRequest(BaseModel):
     refine: int | None = None
     exact: bool = False
     filters: FilterSpec | None = None
+    method: Literal["combined", "esm-logme", "domain"] = DEFAULT_METHOD  # results.METHODS
 
 
 class RankingModel(BaseModel):
+    method: str
     results: list[dict]
     pool_size: int
     target: dict
@@ -178,7 +180,7 @@ class Service:
         prepared = [self._prepare(index, t, i) for i, t in enumerate(req.targets)]
         filters = Filters(**req.filters.model_dump()) if req.filters else None
         options = dict(top=req.top, shortlist=req.shortlist, candidates=req.candidates, exact=req.exact,
-                       filters=filters, refine=req.refine)
+                       filters=filters, refine=req.refine, method=req.method)
         return self._queries.submit(self._run, name, prepared, options, time.perf_counter()).result()
 
     def _run(self, name: str, prepared: list, options: dict, queued: float) -> list[Ranking]:

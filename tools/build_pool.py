@@ -38,6 +38,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import common  # noqa: E402
+from esm_index.domain import DOMAIN_KEY, domain_vector  # noqa: E402
 from esm_index.embed import Embedder  # noqa: E402
 from esm_index.esm import fit_ridge  # noqa: E402
 from esm_index.finetune import POOL_RECIPE, FinetuneConfig, finetune, planned_steps  # noqa: E402
@@ -97,7 +98,7 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
                      "max_length": cfg.max_length, "max_passes": cfg.epochs, "seed": cfg.seed,
                      "examples_seen": steps * cfg.batch_size, "seconds": round(t1 - t0, 1)},
         "fit_seconds": round(t2 - t1, 1), "fidelity_seconds": round(t3 - t2, 1),
-        "domain_mean": [round(float(v), 6) for v in base.mean(0)],
+        DOMAIN_KEY: domain_vector(base),
     })
     esm.save(out)
     np.savez(out / "fidelity.npz", **fidelity)

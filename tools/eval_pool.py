@@ -4,7 +4,9 @@
 Same-task retrieval (the cheapest honest check that each ESM carries its task): every task's
 held-out target rows (``common.split``, never fine-tuned or fitted on) are ranked against the
 whole index with the default query, as a user's target would be; the task's own source should
-come first. The three sample targets (indexes/samples) likewise, by their texts.
+come first. The three sample targets (indexes/samples) likewise, by their texts. Also by each
+method alone (ESM-LogME, domain similarity), and for the combined ranking at several domain
+weights (``--weights``: the sweep that chose ``domain.DOMAIN_WEIGHT``).
 
 Fidelity: for each of ``common.FIDELITY_TARGETS`` (held-out rows, n = 500) and every other
 source, LogME on the real fine-tuned model's embeddings (fidelity.npz from build_pool.py)
@@ -45,6 +47,7 @@ def main() -> None:
     import torch
 
     from esm_index.data import load_labelled
+    from esm_index.domain import DOMAIN_WEIGHT, combine
     from esm_index.esm import ESM
     from esm_index.index import SourceIndex
     from esm_index.logme import TargetStats, logme, score_esms
@@ -54,7 +57,11 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
     ap.add_argument("--pool", type=Path, default=common.CACHE / "pool")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--weights", default="0,0.5,1,1.5,2,3,4,6,8,12",
+                    help="domain weights to report same-task retrieval for (how DOMAIN_WEIGHT was chosen)")
     args = ap.parse_args()
+    weights = [float(w) for w in args.weights.split(",") if w]
+    sweep: dict[float, list[int]] = {w: [] for w in weights}  # own-source rank per task, per weight
 
     index = SourceIndex(args.index, readonly=True)
     by_task = {m["task_id"]: m["name"] for _, m in index.store.iter_meta() if "task_id" in m}
@@ -84,6 +91,15 @@ def main() -> None:
         x = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt])
         y = dense(data.labels[tgt])
         ranking = index.rank_embeddings(x, y, "classification", top=len(index))
+        alone = {m: position(index.rank_embeddings(x, y, "classification", top=len(index), method=m), tid)
+                 for m in ("esm-logme", "domain")}
+        parts = index.rank_embeddings(x, y, "classification", top=len(index), method="esm-logme").results
+        names = np.asarray([name_to_task.get(r["source"], r["source"]) for r in parts])
+        for wt in weights:
+            combined = combine([r["esm_logme"] for r in parts],
+                               [np.nan if r["domain_similarity"] is None else r["domain_similarity"] for r in parts],
+                               "combined", wt)
+            sweep[wt].append(int(np.flatnonzero(names[np.argsort(-combined, kind="stable")] == tid)[0]) + 1)
         first = name_to_task.get(ranking.results[0]["source"])
         winners[first] = winners.get(first, 0) + 1
         stats = TargetStats.from_embeddings(x, y)
@@ -100,8 +116,10 @@ def main() -> None:
         adjusted = np.asarray([s32[t] for t in tasks]) - common.label_null_scores(x, y, w, b)
         same.append({"target": tid, "n": len(tgt), "own_rank": position(ranking, tid), "top1": first,
                      "margin": ranking.results[0]["score"] - ranking.results[1]["score"],
+                     "own_rank_esm_logme": alone["esm-logme"], "own_rank_domain": alone["domain"],
                      "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
-        print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first}); "
+        print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first}); ESM-LogME alone "
+              f"#{alone['esm-logme']}, domain alone #{alone['domain']}; "
               f"null-adjusted #{same[-1]['own_rank_null_adjusted']}", flush=True)
     samples = []
     from prepare_tasks import SAMPLES
@@ -110,7 +128,10 @@ def main() -> None:
         target = load_labelled(common.SAMPLES / fname, ["text"], "label")
         ranking = index.rank(target.texts, target.labels, target.task, top=len(index))
         samples.append({"sample": fname, "own": own, "own_rank": position(ranking, own),
-                        "top3": [name_to_task.get(r["source"]) for r in ranking.results[:3]]})
+                        "top3": [name_to_task.get(r["source"]) for r in ranking.results[:3]],
+                        **{f"own_rank_{m.replace('-', '_')}": position(index.rank(
+                            target.texts, target.labels, target.task, top=len(index), method=m), own)
+                           for m in ("esm-logme", "domain")}})
         print(f"sample {fname}: own source #{samples[-1]['own_rank']}", flush=True)
 
     # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
@@ -133,16 +154,27 @@ def main() -> None:
     # Report.
     top1 = sum(s["own_rank"] == 1 for s in same)
     top3 = sum(s["own_rank"] <= 3 for s in same)
-    print("\n| target (held-out rows) | n | own source rank | top-1 source | top-1 margin |")
-    print("|---|---|---|---|---|")
+    print("\n| target (held-out rows) | n | own source rank | top-1 source | top-1 margin | rank by ESM-LogME alone "
+          "| rank by domain alone |")
+    print("|---|---|---|---|---|---|---|")
     for s in same:
-        print(f"| {s['target']} | {s['n']} | {s['own_rank']} | {s['top1']} | {s['margin']:.4f} |")
-    print(f"\nsame-task retrieval: own source top-1 for {top1}/{len(same)} tasks ({top1 / len(same):.0%}), "
-          f"top-3 for {top3}/{len(same)}")
+        print(f"| {s['target']} | {s['n']} | {s['own_rank']} | {s['top1']} | {s['margin']:.3f} | "
+              f"{s['own_rank_esm_logme']} | {s['own_rank_domain']} |")
+    twin1 = sum(common.twins(s["target"], s["top1"]) for s in same)
+    print(f"\nsame-task retrieval (default ranking): own source top-1 for {top1}/{len(same)} tasks "
+          f"({top1 / len(same):.0%}; own source or its twin: {twin1}/{len(same)}), top-3 for {top3}/{len(same)}")
+    for m in ("esm_logme", "domain"):
+        r = [s[f"own_rank_{m}"] for s in same]
+        print(f"  by {m} alone: top-1 {sum(v == 1 for v in r)}/{len(same)}, top-3 {sum(v <= 3 for v in r)}/{len(same)}")
+    print(f"\n| domain weight (default {DOMAIN_WEIGHT:g}) | " + " | ".join(f"{w:g}" for w in weights) + " |")
+    print("|---|" + "---|" * len(weights))
+    print("| same-task top-1 | " + " | ".join(f"{sum(r == 1 for r in v)}/{len(v)}" for v in sweep.values()) + " |")
+    print("| same-task top-3 | " + " | ".join(f"{sum(r <= 3 for r in v)}/{len(v)}" for v in sweep.values()) + " |")
     adj1 = sum(s["own_rank_null_adjusted"] == 1 for s in same)
     adj3 = sum(s["own_rank_null_adjusted"] <= 3 for s in same)
     print(f"with the shuffled-label null subtracted (experiment): top-1 {adj1}/{len(same)}, top-3 {adj3}/{len(same)}")
-    print("samples: " + "; ".join(f"{s['sample']} -> own #{s['own_rank']} (top-3 {', '.join(s['top3'])})"
+    print("samples: " + "; ".join(f"{s['sample']} -> own #{s['own_rank']} (top-3 {', '.join(s['top3'])}; "
+                                  f"ESM-LogME alone #{s['own_rank_esm_logme']}, domain alone #{s['own_rank_domain']})"
                                   for s in samples))
     print("times ranked first: " + ", ".join(f"{k} {v}" for k, v in sorted(winners.items(), key=lambda kv: -kv[1])))
     print("\n| fidelity target | n | Spearman (real vs ESM) | top-1 agrees | top-3 overlap | real top-1 | ESM top-1 |")
@@ -160,6 +192,7 @@ def main() -> None:
     print("| recall of exact top-5 (mean over targets) | " + " | ".join(f"{np.mean(v):.2f}" for v in recall.values()) + " |")
     if args.json:
         args.json.write_text(json.dumps({"recall": {k: float(np.mean(v)) for k, v in recall.items()},
+                                         "weight_sweep": {str(w): v for w, v in sweep.items()},
                                          "same_task": same, "samples": samples, "winners": winners,
                                          "fidelity": fidelity, "float16_same_top5": f16_same,
                                          "float16_max_diff": f16_diff}, indent=1))
