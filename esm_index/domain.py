@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidArgumentError
 from .results import DEFAULT_METHOD, METHODS
 
 DOMAIN_WEIGHT = 6.0
@@ -92,7 +93,7 @@ def combine(logme: np.ndarray, domain: np.ndarray, method: str = DEFAULT_METHOD,
         logme = np.asarray(logme, np.float64)
         spread = logme.std() if len(logme) > 1 else 0.0
         return logme + weight * spread * standardise(domain)
-    raise ValueError(f"unknown ranking method {method!r}; one of {', '.join(METHODS)}")
+    raise InvalidArgumentError(f"unknown ranking method {method!r}; one of {', '.join(METHODS)}")
 
 
 @dataclass

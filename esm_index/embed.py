@@ -7,7 +7,7 @@ token_type_ids, several text columns joined by " [SEP] ". With them the embeddin
 ``hfselect.model_utils.get_pooled_output`` for sentence-transformers models.
 
 Pooling is three lines of torch rather than ``sentence_transformers.models.Pooling`` because
-importing sentence-transformers costs ~4 s, which a CLI query should not pay.
+importing sentence-transformers costs seconds, which a CLI query should not pay.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import ModelMismatchError
+from .errors import InvalidArgumentError, ModelMismatchError
 
 POOLINGS = ("mean", "cls", "pooler")
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -125,7 +125,7 @@ class EmbeddingSpec:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
+            raise InvalidArgumentError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,8 +147,6 @@ def checked_device(device: str) -> str:
     not a traceback from deep inside ``model.to``."""
     import torch
 
-    from .errors import InvalidArgumentError
-
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -166,7 +164,6 @@ class Embedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model_path = Path(model_path) if model_path else default_model_path()
         if not (self.model_path / "config.json").is_file():
             raise ModelMismatchError(f"{self.model_path} is not a model folder (no config.json)")
@@ -174,8 +171,9 @@ class Embedder:
         self.device = checked_device(device) if device else best_device()
         self.batch_size = batch_size
         log.info("loading the base model from %s", self.model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
-        self.model = AutoModel.from_pretrained(str(self.model_path)).to(self.device).eval()
+        # a local folder only, never the hub (whatever HF_HUB_OFFLINE says)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.model_path), local_files_only=True).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self._torch = torch
 

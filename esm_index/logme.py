@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from .checks import label_matrix
-from .errors import InvalidESMError, InvalidTargetError, ModelMismatchError
+from .errors import InvalidArgumentError, InvalidESMError, InvalidTargetError, ModelMismatchError
 
 MAX_STEPS = 50  # hfselect's limit on fixed-point steps
 RTOL = 1e-3  # hfselect's convergence test on t = alpha / beta
@@ -154,7 +154,7 @@ def choose_backend(device: torch.device, size: int, requested: str = "auto", *, 
     ``tridiagonal_ok`` False (a shape the tridiagonal reduction does not handle) means "eigh".
     The compiled loop needs eigenvectors and a CPU; everything else runs the torch loop."""
     if requested not in ("auto", EIGH, TRIDIAGONAL):
-        raise ValueError(f"unknown scoring method {requested!r}; use 'auto', 'eigh' or 'tridiagonal'")
+        raise InvalidArgumentError(f"unknown scoring method {requested!r}; use 'auto', 'eigh' or 'tridiagonal'")
     spectrum = requested
     if spectrum == "auto":
         spectrum = EIGH if device.type != "cpu" or size <= eigh_up_to else TRIDIAGONAL
