@@ -15,7 +15,7 @@ _EXPORTS = {
     "InvalidTargetError": "errors", "ModelMismatchError": "errors", "UnsafeFileError": "errors",
     "InvalidArgumentError": "errors", "SourceExistsError": "errors", "NoSourcesError": "errors",
     "ESM": "esm", "fit_ridge": "esm", "fit_sgd": "esm",
-    "Filters": "results", "Ranking": "results", "SourceIndex": "index",
+    "Filters": "results", "Query": "results", "Ranking": "results", "Result": "results", "SourceIndex": "index",
     "Client": "client", "ServiceError": "client",
     "TargetStats": "logme", "score_esms": "logme",
 }

@@ -1,7 +1,8 @@
 """``esm-index``: a thin click shell over ``SourceIndex``.
 
 Heavy imports (torch, transformers, faiss) happen inside commands, so ``--help`` is instant.
-Every ``EsmIndexError`` becomes one line on stderr and exit code 2.
+Every ``EsmIndexError`` (and an unreadable file) becomes one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,38 +16,30 @@ from pathlib import Path
 
 import click
 
-from .display import (METHOD_NAMES, Group, info_lines, model_options, ranking_table, show_progress, source_table,
+from .display import (METHOD_NAMES, RANKING_COLUMNS, SOURCE_COLUMNS, Group, fail as _fail, info_lines, model_options,
+                      output, output_options, query_options, ranking_rows, ranking_table, show_progress, source_table,
                       target_kind)
-from .errors import plural
-from .results import DEFAULT_METHOD, METHODS
+from .errors import EsmIndexError, IndexStoreError, plural
+from .results import DEFAULT_SHORTLIST, Filters
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars in CLI output
+COMMAND_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # no "Loading weights" bars in CLI output
+"""Set (unless already set) when a command starts: the CLI never reaches the network."""
 _command_started = time.perf_counter()  # reset when a command starts; see _command_seconds
-
-show_progress()  # slow steps print a line on stderr, in a terminal or not
 
 CHECKOUT_POOL = Path(__file__).resolve().parent.parent / "indexes" / "default"  # a source checkout
 PACKAGED_POOL = Path(__file__).resolve().parent / "default_pool"  # the wheel's copy (pyproject.toml)
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(2)
-
-
 def friendly(fn):
-    """Turn our typed errors (and unreadable inputs) into one line and exit code 2."""
+    """Turn our typed errors (and unreadable files) into one line and exit code 2."""
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import EsmIndexError
-
         try:
             return fn(*args, **kwargs)
         except EsmIndexError as exc:
             _fail(str(exc))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             _fail(f"{exc.__class__.__name__}: {exc}")
     return wrapper
 
@@ -63,8 +56,6 @@ def default_index_path() -> Path:
     """The shipped pool: $ESM_INDEX_DEFAULT, else indexes/default of the checkout this
     package runs from (an editable install), else the copy a wheel carries inside the
     package. A missing pool is reported here, not as "not an index; run init"."""
-    from .errors import IndexStoreError
-
     if os.environ.get("ESM_INDEX_DEFAULT"):
         return Path(os.environ["ESM_INDEX_DEFAULT"])
     for folder in (CHECKOUT_POOL, PACKAGED_POOL):
@@ -81,6 +72,9 @@ def main() -> None:
     (ESM-LogME, Schulte et al., EMNLP 2024), from a vector-index-backed pool."""
     global _command_started
     _command_started = time.perf_counter()
+    for name, value in COMMAND_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    show_progress()  # slow steps print a line on stderr, in a terminal or not
 
 
 def _command_seconds() -> float:
@@ -137,7 +131,6 @@ def import_(folder, esm_folders, name_from):
     """Import hfselect ESM folders in bulk (resumable: present names are skipped)."""
     from tqdm.auto import tqdm
 
-    from .errors import EsmIndexError
     from .esm import ESM
 
     failures = []
@@ -219,33 +212,16 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--label-col", "label_cols", multiple=True, required=True)
 @click.option("--task", type=click.Choice(["classification", "regression"]), default=None)
 @click.option("--top", type=int, default=10, show_default=True)
-@click.option("--shortlist", type=int, default=None, help="Sources scored exactly after the prefilter (default 32).")
-@click.option("--candidates", type=int, default=None,
-              help="Sources the FAISS stage passes on (default by pool size: 256, or 768 above 20k).")
-@click.option("--refine", type=int, default=None,
-              help="Sources the refining stage scores from full maps (default by pool size: 64, or 384 above 20k).")
-@click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter).")
-@click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="Order by ESM-LogME and domain similarity together, by ESM-LogME alone (the paper), "
-                   "or by domain similarity alone.")
-@click.option("--task-type", "f_task", default=None, help="Only sources of this task type.")
-@click.option("--language", "f_language", default=None, help="Only sources in this language.")
-@click.option("--tag", "f_tags", multiple=True, help="Only sources with this tag (repeatable).")
-@click.option("--min-size", type=int, default=None, help="Only sources with at least this many examples.")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--csv", "as_csv", is_flag=True)
+@query_options
+@output_options
 @click.option("--server", envvar="ESM_INDEX_SERVER", default=None, metavar="URL",
               help="Send the query to a running 'esm-index serve' (env ESM_INDEX_SERVER; token from "
                    "ESM_INDEX_TOKEN); --index then names a served index or its folder.")
 @model_options
 @friendly
 def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, method,
-         f_task, f_language, f_tags, min_size, as_json, as_csv, server, device, batch_size):
+         f_task, f_language, f_tags, min_size, fmt, server, device, batch_size):
     """Rank the pool's sources for a labelled target file (CSV, TSV, JSONL, JSON or Parquet)."""
-    from .results import DEFAULT_SHORTLIST, Filters
-
-    if as_json and as_csv:
-        _fail("--json and --csv exclude each other: pick one output format")
     options = dict(top=top, exact=exact, shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
                    refine=refine, filters=Filters(f_task, f_language, f_tags, min_size), method=method)
     startup = _command_seconds()
@@ -266,7 +242,7 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
                 check_size(len(data))
                 _fail(f"the index {folder} holds no sources (add some with 'esm-index import' or 'add')")
             ranking = index.rank(data.texts, data.labels, data.task,
-                                 progress=sys.stderr.isatty() and not (as_json or as_csv), **options)
+                                 progress=sys.stderr.isatty() and fmt == "table", **options)
     if not ranking.pool_size:
         _fail(f"the index {folder or 'served'} holds no sources (add some with 'esm-index import' or 'add')")
     ranking.target.update({"file": str(target_file), "task_from": "--task" if task else "guessed from the labels"})
@@ -279,24 +255,11 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
                        "total": round(total, 4)}
     for line in ranking.warnings:
         click.echo(f"warning: {line}", err=True)
-    if as_json:
-        click.echo(json.dumps(ranking.to_dict(), indent=2))
-    elif as_csv:
-        import csv
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["rank", "source", "score", "esm_logme", "domain_similarity", "approx_score", "language",
-                         "num_examples"])
-        six = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731  (the digits beyond are rounding noise)
-        for r in ranking.results:
-            writer.writerow([r["rank"], r["source"], six(r["score"]), six(r.get("esm_logme")),
-                             six(r.get("domain_similarity")), six(r.get("approx_score")),
-                             r["meta"].get("language", ""), r["meta"].get("num_examples", "")])
-    else:
-        click.echo(f"{plural(ranking.target['examples'], 'target example')} ({target_kind(ranking.target)}), "
-                   f"{plural(ranking.pool_size, 'source')}, ranked by {METHOD_NAMES[ranking.method]}, "
-                   f"{ranking.timings['total']:.2f} s")
-        click.echo("\n".join(ranking_table(ranking.results)))
+    header = (f"{plural(ranking.target['examples'], 'target example')} ({target_kind(ranking.target)}), "
+              f"{plural(ranking.pool_size, 'source')}, ranked by {METHOD_NAMES[ranking.method]}, "
+              f"{ranking.timings['total']:.2f} s")
+    output(fmt, ranking.to_dict(), RANKING_COLUMNS, ranking_rows(ranking.results),
+           [header, *ranking_table(ranking.results)])
 
 
 def _rank_remote(url: str, folder, target_file, text_cols, label_cols, task, options: dict):
@@ -347,48 +310,26 @@ def serve(indexes, host, port, token, workers, threads_per_query, max_body_mb, m
 
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @friendly
-def info(folder, as_json):
+def info(folder, fmt):
     """The index's manifest and size."""
-    from .prefilter import DOMAIN_FILE, FAISS_FILE
-
     with _open(folder, readonly=True) as index:
-        m = index.manifest
-        faiss_paths = [Path(folder) / name for name in (FAISS_FILE, DOMAIN_FILE)]
-        data = {"sources": len(index), "model": m["embedding"]["model_name"], "embedding": m["embedding"],
-                "dim": m["dim"], "esm_dtype": m["esm_dtype"], "summary_dim": m["summary_dim"],
-                "schema_version": m["schema_version"], "generation": index.store.generation(),
-                "lmdb_bytes": index.store.disk_bytes(),
-                "faiss_bytes": sum(p.stat().st_size for p in faiss_paths if p.exists()),
-                "prefilter": _prefilter_kind(Path(folder))}
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        click.echo("\n".join(info_lines(data, str(folder))))
-
-
-def _prefilter_kind(folder: Path) -> str:
-    from .prefilter import META_FILE
-
-    try:
-        return json.loads((folder / META_FILE).read_text()).get("factory", "?")
-    except (OSError, ValueError):
-        return "missing (run 'esm-index rebuild')"
+        data = index.info()
+    flat = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in data.items()}
+    output(fmt, data, list(flat), [list(flat.values())], info_lines(data, str(folder)))
 
 
 @main.command("list")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@output_options
 @friendly
-def list_(folder, as_json):
+def list_(folder, fmt):
     """The sources in the index."""
     with _open(folder, readonly=True) as index:
         sources = index.sources()
-    if as_json:
-        click.echo(json.dumps([{k: v for k, v in s.items() if k not in ("fit", "finetune")} for s in sources], indent=2))
-        return
-    click.echo("\n".join(source_table(sources)))
+    output(fmt, [{k: v for k, v in s.items() if k not in ("fit", "finetune")} for s in sources], SOURCE_COLUMNS,
+           [[s.get(c) or "" for c in SOURCE_COLUMNS] for s in sources], source_table(sources))
 
 
 @main.command()
@@ -432,7 +373,6 @@ def export(folder, out, fmt, force):
 def map_(folder, target_file, out, color_by, text_cols, label_cols, task, top, device, batch_size):
     """Draw the pool, sources placed by their maps; with a target, its top sources and scores."""
     from .pool_map import draw, pool_coordinates
-    from .results import DEFAULT_SHORTLIST
 
     data = ranking = None
     if target_file:

@@ -1,6 +1,6 @@
 """``Client``: rank against a running ``esm-index serve`` as you would against a ``SourceIndex``.
 
-``Client(url).rank(texts, labels, task, ...)`` has ``SourceIndex.rank``'s signature and returns
+``Client(url).rank(texts, labels, task, top=..., ...)`` has ``SourceIndex.rank``'s signature and returns
 the same ``Ranking``, so an AutoML system switches between in-process and remote ranking by
 changing one constructor. This module imports only the standard library and the light
 modules results.py, tables.py and errors.py (never numpy or torch): the CLI's ``--server``
@@ -17,16 +17,14 @@ import http.client
 import json
 import os
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Sequence
 from urllib.parse import urlsplit
 
 from . import errors
-from .results import DEFAULT_METHOD, Filters, Ranking
+from .results import Query, Ranking
 
 SERVER_ENV = "ESM_INDEX_SERVER"
 TOKEN_ENV = "ESM_INDEX_TOKEN"
-SERVER_DEFAULT: Any = object()
-"""Stands for "the server's default" (``DEFAULT_SHORTLIST`` there), without importing it."""
 
 
 class ServiceError(errors.EsmIndexError):
@@ -51,39 +49,30 @@ class Client:
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
 
     # ---- the ranking calls (SourceIndex's signatures) -----------------------------------
-    def rank(self, texts: Sequence, labels, task: str | None = "classification", top: int = 10,
-             shortlist: int | None = SERVER_DEFAULT, candidates: int | None = None, exact: bool = False,
-             filters: Filters | None = None, progress: bool = False, refine: int | None = None,
-             method: str = DEFAULT_METHOD) -> Ranking:
+    def rank(self, texts: Sequence, labels, task: str | None = "classification", *, progress: bool = False,
+             **options) -> Ranking:
         """Rank for a target of texts and labels; the server embeds the texts (and caches
-        them). ``task=None`` lets the server guess it, as the CLI does for a file; labels
-        that are not class ids are numbered in sorted order, as in a file. ``progress`` is
-        accepted for signature compatibility and ignored."""
+        them). ``options`` are ``results.Query``'s, as for ``SourceIndex.rank``. ``task=None``
+        lets the server guess it, as the CLI does for a file; labels that are not class ids
+        are numbered in sorted order, as in a file. ``progress`` is accepted for signature
+        compatibility and ignored."""
         target = {"texts": [t if isinstance(t, str) else list(t) for t in texts], "labels": _plain(labels),
                   "task": task}
-        return self.rank_many([target], top, shortlist, candidates, exact, filters, refine, method)[0]
+        return self.rank_many([target], **options)[0]
 
-    def rank_embeddings(self, x, labels, task: str | None = "classification", top: int = 10,
-                        shortlist: int | None = SERVER_DEFAULT, candidates: int | None = None,
-                        exact: bool = False, filters: Filters | None = None,
-                        refine: int | None = None, method: str = DEFAULT_METHOD) -> Ranking:
+    def rank_embeddings(self, x, labels, task: str | None = "classification", **options) -> Ranking:
         """Rank from base-model embeddings (n, d) of the target (a numpy array or lists)."""
         target = {"embeddings": _plain(x), "labels": _plain(labels), "task": task}
-        return self.rank_many([target], top, shortlist, candidates, exact, filters, refine, method)[0]
+        return self.rank_many([target], **options)[0]
 
-    def rank_many(self, targets: Sequence[dict], top: int = 10, shortlist: int | None = SERVER_DEFAULT,
-                  candidates: int | None = None, exact: bool = False, filters: Filters | None = None,
-                  refine: int | None = None, method: str = DEFAULT_METHOD) -> list[Ranking]:
+    def rank_many(self, targets: Sequence[dict], **options) -> list[Ranking]:
         """Several targets in one request (the AutoML case), each a dict with ``texts`` or
         ``embeddings``, ``labels`` and optionally ``task``; one ``Ranking`` per target, in
         order. Every target is checked before any is ranked."""
-        body: dict = {"targets": [{k: _plain(v) for k, v in t.items()} for t in targets], "top": top,
-                      "candidates": candidates, "exact": exact, "refine": refine, "method": method,
-                      "filters": asdict(filters) if filters else None}
+        query = asdict(Query(**options))
+        body: dict = {"targets": [{k: _plain(v) for k, v in t.items()} for t in targets], **query}
         if self.index is not None:
             body["index"] = self.index
-        if shortlist is not SERVER_DEFAULT:
-            body["shortlist"] = shortlist
         return [Ranking.from_dict(r) for r in self.request("POST", "/rank", body)["rankings"]]
 
     # ---- the rest of the API ----------------------------------------------------------------

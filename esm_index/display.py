@@ -1,6 +1,7 @@
 """What the command line shows people: tables with headers, sizes in MB, progress lines on
 stderr, click's own usage errors as the tool's one ``error:`` line, and the options shared
-by the commands that run the base model.
+between commands: ``--json`` / ``--csv`` for those that print data (as sqlite-utils shares
+its output options), ``--device`` / ``--batch-size`` for those that run the base model.
 
 Kept apart from cli.py so that the commands stay a thin shell over ``SourceIndex``, and
 free of heavy imports (click only), so that ``--help`` stays instant.
@@ -8,12 +9,22 @@ free of heavy imports (click only), so that ``--help`` stays instant.
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import sys
+from functools import wraps
 
 import click
 
 from .errors import plural
+from .results import DEFAULT_METHOD, METHODS
+
+
+def fail(message: str) -> None:
+    """The tool's one ``error:`` line, and exit code 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
 
 
 class Group(click.Group):
@@ -95,19 +106,32 @@ METHOD_NAMES = {"combined": "ESM-LogME + domain similarity", "esm-logme": "ESM-L
                 "domain": "domain similarity"}
 
 
-def ranking_table(results: list[dict]) -> list[str]:
+RANKING_COLUMNS = ("rank", "source", "score", "esm_logme", "domain_similarity", "faiss_score", "approximate_score",
+                   "refining_score", "language", "num_examples")
+SOURCE_COLUMNS = ("name", "task_type", "language", "num_examples", "title")
+
+
+def ranking_table(results: list) -> list[str]:
     """``esm-index rank`` for people: the ranking score, then its two parts (ESM-LogME, and
     the cosine of the target's and the source's mean embeddings; "-" where a source has no
     domain vector), then the source with its title and language."""
     lines = [f"{'rank':>4}  {'score':>7}  {'ESM-LogME':>9}  {'domain':>6}  source"]
     for r in results:
-        extra = ", ".join(str(v) for v in (r["meta"].get("title"), r["meta"].get("language")) if v)
-        dom = r.get("domain_similarity")
-        logme = r.get("esm_logme", r["score"])  # a server of an older version sends score only
-        score = "-" if r["score"] is None else f"{r['score']:.3f}"  # None: no domain vector, by "domain"
-        lines.append(f"{r['rank']:>4}  {score:>7}  {logme:>9.4f}  {'-' if dom is None else f'{dom:.3f}':>6}  "
-                     f"{r['source']}" + (f"  ({extra})" if extra else ""))
+        extra = ", ".join(str(v) for v in (r.meta.get("title"), r.meta.get("language")) if v)
+        dom = r.domain_similarity
+        score = "-" if r.score is None else f"{r.score:.3f}"  # None: no domain vector, by "domain"
+        lines.append(f"{r.rank:>4}  {score:>7}  {r.esm_logme:>9.4f}  {'-' if dom is None else f'{dom:.3f}':>6}  "
+                     f"{r.source}" + (f"  ({extra})" if extra else ""))
     return lines
+
+
+def ranking_rows(results: list) -> list[list]:
+    """``RANKING_COLUMNS`` of each result, scores to six decimals (the digits beyond are
+    rounding noise), empty where there is none."""
+    six = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+    return [[r.rank, r.source, six(r.score), six(r.esm_logme), six(r.domain_similarity), six(r.faiss_score),
+             six(r.approximate_score), six(r.refining_score), r.meta.get("language", ""),
+             r.meta.get("num_examples", "")] for r in results]
 
 
 def target_kind(target: dict) -> str:
@@ -123,3 +147,52 @@ def model_options(fn):
                       help="Texts per forward pass of the base model (lower it when memory is short).")(fn)
     return click.option("--device", default=None,
                         help="Where the base model and scorer run: cpu, cuda, cuda:1 (default: cuda if available).")(fn)
+
+
+def output_options(fn):
+    """--json and --csv, for every command that prints data; the command gets ``fmt``:
+    "table" (for people), "json" or "csv"."""
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+    @wraps(fn)
+    def wrapper(*args, as_json: bool, as_csv: bool, **kwargs):
+        if as_json and as_csv:
+            fail("--json and --csv exclude each other: pick one output format")
+        return fn(*args, fmt="json" if as_json else "csv" if as_csv else "table", **kwargs)
+    return wrapper
+
+
+def output(fmt: str, data, columns, rows, lines: list[str]) -> None:
+    """Print ``data`` as JSON, ``rows`` under ``columns`` as CSV, or ``lines`` for people."""
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        click.echo("\n".join(lines))
+
+
+def query_options(fn):
+    """The stages' sizes, --exact, --method and the metadata filters (``results.Query``)."""
+    options = [
+        click.option("--shortlist", type=int, default=None,
+                     help="Sources scored exactly after the prefilter (default 32)."),
+        click.option("--candidates", type=int, default=None,
+                     help="Sources the FAISS stage passes on (default by pool size: 256, or 768 above 20k)."),
+        click.option("--refine", type=int, default=None,
+                     help="Sources the refining stage scores from full maps "
+                          "(default by pool size: 64, or 384 above 20k)."),
+        click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter)."),
+        click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+                     help="Order by ESM-LogME and domain similarity together, by ESM-LogME alone (the paper), "
+                          "or by domain similarity alone."),
+        click.option("--task-type", "f_task", default=None, help="Only sources of this task type."),
+        click.option("--language", "f_language", default=None, help="Only sources in this language."),
+        click.option("--tag", "f_tags", multiple=True, help="Only sources with this tag (repeatable)."),
+        click.option("--min-size", type=int, default=None, help="Only sources with at least this many examples."),
+    ]
+    for option in reversed(options):  # as decorators written above the function, first on top
+        fn = option(fn)
+    return fn

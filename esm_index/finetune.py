@@ -3,7 +3,7 @@
 Three entry points, from most to least given:
   (a) ``esm.fit_ridge(base_embeddings, tuned_embeddings)`` - paired embeddings;
   (b) ``esm_from_models(embedder, tuned_encoder, texts)`` - embed texts with both models;
-  (c) ``build_esm(embedder, data)`` - fine-tune on labelled data (the paper's recipe), then (b).
+  (c) ``finetune_and_fit(embedder, data)`` - fine-tune on labelled data (the paper's recipe), then (b).
 
 The map has d+1 inputs per output, so it needs many more fitting texts than d: fine-tuning
 uses a capped sample (slow), while the map is fitted on up to ``fit_examples`` texts of the
@@ -21,6 +21,7 @@ import numpy as np
 from .data import LabelledData
 from .domain import DOMAIN_KEY, domain_vector
 from .embed import Embedder
+from .errors import InvalidTargetError
 from .esm import ESM, fit_ridge
 
 
@@ -116,7 +117,7 @@ def planned_steps(n_examples: int, cfg: FinetuneConfig) -> int:
     """Optimizer steps for ``n_examples``: ``epochs`` passes, or ``max_steps`` capped at
     ``epochs`` passes (so a tiny task is not fitted for hundreds of epochs)."""
     if n_examples < 1:
-        raise ValueError("fine-tuning needs at least one example")
+        raise InvalidTargetError("fine-tuning needs at least one example")
     per_epoch = -(-n_examples // cfg.batch_size)
     return cfg.epochs * per_epoch if cfg.max_steps is None else max(1, min(cfg.max_steps, cfg.epochs * per_epoch))
 
@@ -144,15 +145,10 @@ def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bo
     return esm
 
 
-def build_esm(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
-              progress: bool = False) -> ESM:
-    """Fine-tune on ``data`` and fit its ESM; timings and settings land in ``esm.meta``."""
-    return finetune_and_fit(embedder, data, cfg, progress)[0]
-
-
 def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
                      progress: bool = False):
-    """``build_esm`` that also returns the fine-tuned encoder, for callers that study it."""
+    """Fine-tune on ``data`` and fit its ESM: (the ESM, the fine-tuned encoder). Timings and
+    settings land in ``esm.meta``."""
     cfg = cfg or FinetuneConfig()
     t0 = time.perf_counter()
     tuned = finetune(embedder, data, cfg, progress=progress)

@@ -1,14 +1,14 @@
 """``SourceIndex``: the Python API that ties embedding, store, prefilter and scorer together.
 
-A query reads straight down one path:
+A query reads straight down one path (query.py, one named step per stage):
 
-    texts --embed--> X --prefilter.shortlist--> FAISS candidates --> approximate stage
-          --> refining stage --> exact ESM-LogME (logme.py) --> ranking
+    texts --embed--> X --> target statistics --> faiss --> approximate --> refining
+          --> (nearest domains) --> exact ESM-LogME --> combine --> ranking
 
 An index is a folder: ``store.lmdb`` (source of truth, see store.py) plus derived
-``prefilter.faiss`` / ``prefilter.json`` that ``rebuild()`` can always regenerate.
-This module is the API hub and only orchestrates: the numerics live in logme.py and
-summary.py, the staged search in prefilter.py, the bytes in store.py.
+``prefilter.faiss`` / ``domain.faiss`` / ``prefilter.json`` that ``rebuild()`` can always
+regenerate (prefilter.py). This module only orchestrates: the numerics live in logme.py and
+summary.py, the query's stages in query.py, the FAISS files in prefilter.py, the bytes in store.py.
 """
 
 from __future__ import annotations
@@ -17,21 +17,26 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace as with_fields
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import query as query_path
+from .checks import check_labels, check_positive, check_size, dense_classes
 from .data import LabelledData
-from .embed import DEFAULT_MODEL_NAME, EmbeddingSpec, checked_device
-from .checks import check_labels, check_method, check_positive, check_size, check_stages, dense_classes
-from .domain import DEFAULT_METHOD, DOMAIN_KEY
+from .domain import DOMAIN_KEY
+from .embed import (DEFAULT_MODEL_NAME, Embedder, EmbeddingSpec, cached_embeddings, checked_device, identify_model,
+                    index_model_folder, resolve_model)
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
-from .results import DEFAULT_SHORTLIST, Filters, Ranking  # apart, so client.py builds them without numpy
+from .finetune import FinetuneConfig, finetune_and_fit
+from .prefilter import Prefilter, PrefilterFiles
+from .results import Query, Ranking  # apart, so client.py builds them without numpy
 from .store import NewSource, Store
-from .summary import DEFAULT_PROBE_DIM
+from .summary import DEFAULT_PROBE_DIM, join_probe, make_probe, summarize, summary_dim
 
 REFERENCE_TEXTS = Path(__file__).with_name("reference_texts.txt")
 CACHE_DIR = Path(os.environ.get("ESM_INDEX_CACHE", Path.home() / ".cache" / "esm-index"))
@@ -46,15 +51,22 @@ class SourceIndex:
         self.folder = Path(folder)
         self.readonly = readonly
         self.store = Store(self.folder, readonly=readonly)
-        self.manifest = self.store.manifest
         self.spec = EmbeddingSpec(**self.manifest["embedding"])
-        self._device = None if device is None else checked_device(device)  # before any slow step
+        self.device = None if device is None else checked_device(device)  # before any slow step; None: the best
         self._model_path = model_path
         self._batch_size = batch_size
         self._lock = threading.RLock()
         self._embedder = None
-        self._prefilter = None  # prefilter.Prefilter of the store's current generation
-        self.probe = self.store.probe()
+        self.prefilters = PrefilterFiles(self.folder, self.store, readonly)
+
+    @property
+    def manifest(self) -> dict:
+        return self.store.manifest
+
+    @property
+    def probe(self) -> np.ndarray:
+        """The prefilter's probe U, on which the summaries are computed (summary.py)."""
+        return self.prefilters.probe
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
@@ -67,13 +79,8 @@ class SourceIndex:
         folder or a hub name in the local cache (default: the packaged MiniLM). Without a
         ``spec.model_name``, the model is identified (``embed.identify_model``), so that ESMs
         made for it by its hub name fit; the folder's name is the fallback."""
-        from dataclasses import replace
-
-        from .embed import Embedder, identify_model, resolve_model
-        from .summary import join_probe, make_probe, summary_dim
-
         if esm_dtype not in ("float16", "float32"):
-            raise ValueError("esm_dtype must be float16 or float32")
+            raise InvalidArgumentError(f"esm_dtype must be float16 or float32, not {esm_dtype!r}")
         folder = Path(folder)
         if (folder / "store.lmdb").exists():
             raise IndexStoreError(f"{folder}: an index exists there already")
@@ -82,7 +89,7 @@ class SourceIndex:
         embedder = Embedder(model_path, spec, device=device, batch_size=batch_size)
         identified = identify_model(embedder) if model_path is not None else DEFAULT_MODEL_NAME
         if not spec.model_name:
-            spec = embedder.spec = replace(spec, model_name=identified or embedder.model_path.name)
+            spec = embedder.spec = with_fields(spec, model_name=identified or embedder.model_path.name)
         # portable facts only: a model known to be what its name says is found again by that name;
         # any other folder (a name given by hand proves nothing) is kept relative to the index
         relative = None if identified == spec.model_name else os.path.relpath(embedder.model_path.resolve(),
@@ -125,11 +132,9 @@ class SourceIndex:
         """The base model, loaded on first use (a query with cached embeddings never loads it)."""
         with self._lock:
             if self._embedder is None:
-                from .embed import Embedder, index_model_folder, resolve_model
-
                 path = (resolve_model(self._model_path) if self._model_path
                         else index_model_folder(self.manifest, self.folder))
-                self._embedder = Embedder(path, self.spec, device=self._device, batch_size=self._batch_size)
+                self._embedder = Embedder(path, self.spec, device=self.device, batch_size=self._batch_size)
                 if self._embedder.dim != self.manifest["dim"]:
                     raise ModelMismatchError(f"model {path} gives {self._embedder.dim}-d embeddings, "
                                              f"the index holds {self.manifest['dim']}-d ESMs")
@@ -137,8 +142,6 @@ class SourceIndex:
 
     def embed(self, texts: Sequence, progress: bool = False) -> np.ndarray:
         """Embeddings of ``texts``, cached on disk by content hash + embedding spec."""
-        from .embed import cached_embeddings
-
         return cached_embeddings(CACHE_DIR / "embeddings", self.spec, texts,
                                  lambda: self.embedder.embed(texts, progress=progress))
 
@@ -156,8 +159,6 @@ class SourceIndex:
                  on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
         """Add (name, ESM) pairs, committing every ``batch_size``. Names already present are
         skipped, so a re-run after a crash resumes. Returns (added, skipped)."""
-        from .summary import summarize
-
         self._writable()
         added = skipped = 0
         batch: list[tuple[str, ESM]] = []
@@ -193,10 +194,6 @@ class SourceIndex:
         ``meta`` (language, tags, provenance...) is stored with the source. Everything that
         would make the work useless (a name already taken unless ``replace``, data a ranking
         would refuse, a config that trains nothing) is refused before fine-tuning starts."""
-        from dataclasses import replace as with_fields
-
-        from .finetune import FinetuneConfig, build_esm
-
         self._writable()
         if not replace and self.store.id_of(name) is not None:
             raise SourceExistsError(f"a source named {name!r} is in the index already "
@@ -211,7 +208,7 @@ class SourceIndex:
         embedder = self.embedder
         log.info("fine-tuning the base model on %d examples of %s (at most %d, %d epochs), then fitting its ESM; "
                  "minutes on a CPU", len(data), name, config.max_examples, config.epochs)
-        esm = build_esm(embedder, data, config, progress=progress)
+        esm = finetune_and_fit(embedder, data, config, progress=progress)[0]
         esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
         if replace:  # only now that the new map exists
             self.store.remove([name])
@@ -258,170 +255,56 @@ class SourceIndex:
             count += 1
         return count
 
-    # ---- the prefilter ---------------------------------------------------------------------
+    # ---- the prefilter (its lifecycle: prefilter.PrefilterFiles) -----------------------------
     def rebuild(self, reprobe: bool = False) -> None:
-        """Regenerate the FAISS files from LMDB (the only state they hold is derived).
+        """Regenerate the FAISS files from LMDB (the only state they hold is derived). The
+        first rebuild of a writable index with at least 8 sources (or ``reprobe``) also fits
+        the pool half of the probe and recomputes every summary (see summary.py)."""
+        self.prefilters.rebuild(reprobe)
 
-        The first rebuild of a writable index with at least 8 sources (or ``reprobe``) also
-        fits the pool half of the probe and recomputes every summary (see summary.py)."""
-        from .prefilter import build_prefilter, save_prefilter
-
-        with self._lock:
-            if not self.readonly and (reprobe or not self.manifest.get("probe_pool_fitted")) and len(self) >= 8:
-                self._fit_probe()
-            self._prefilter = build_prefilter(self.store, self.store.generation())
-            if not self.readonly:
-                save_prefilter(self.folder, self._prefilter)
-
-    def _fit_probe(self, sample: int = 256) -> None:
-        from .summary import join_probe, pool_directions, summarize
-
-        ids = self.store.ids()
-        ids = np.random.default_rng(0).permutation(ids)[:sample]
-        _, w, b = self.store.esms(ids)
-        k = self.probe.shape[1]
-        probe = join_probe(self.store.probe("reference"), pool_directions(w, b, k // 2), k)
-        self.store.reprobe(probe, lambda ww, bb: summarize(ww, bb, probe),
-                           {"probe_pool_fitted": True, "probe_pool_sample": len(ids)})
-        self.manifest = self.store.manifest
-        self.probe = probe
-
-    def prefilter(self):
+    def prefilter(self) -> Prefilter:
         """The ``Prefilter`` current with LMDB; stale or damaged files are rebuilt (in memory
         only when the index is read-only)."""
-        from .prefilter import load_prefilter
-
-        with self._lock:
-            gen = self.store.generation()
-            if self._prefilter is None or self._prefilter.generation != gen:
-                self.store._manifest = None  # another process may have refitted the probe
-                self.manifest, self.probe = self.store.manifest, self.store.probe()
-                self._prefilter = load_prefilter(self.folder, gen)
-                if self._prefilter is None:
-                    self.rebuild()
-            return self._prefilter
+        return self.prefilters.current()
 
     def verify(self) -> list[str]:
         """Problems found (empty when clean): LMDB tables agree, weights finite, FAISS
         files present, current and holding exactly the stored sources."""
-        from .prefilter import load_prefilter
+        return self.store.check() + self.prefilters.problems()
 
-        problems = self.store.check()
-        gen = self.store.generation()
-        loaded = load_prefilter(self.folder, gen)
-        if loaded is None:
-            problems.append("prefilter files missing, unreadable or stale (run 'esm-index rebuild')")
-        else:
-            faiss_ids, store_ids = np.sort(loaded.ids()), np.sort(self.store.ids())
-            if not np.array_equal(faiss_ids, store_ids):
-                problems.append(f"FAISS holds {len(faiss_ids)} sources, LMDB {len(store_ids)}")
-        return problems
+    def info(self) -> dict:
+        """What ``esm-index info`` shows: size, model, layout and the files on disk."""
+        m = self.manifest
+        return {"sources": len(self), "model": m["embedding"]["model_name"], "embedding": m["embedding"],
+                "dim": m["dim"], "esm_dtype": m["esm_dtype"], "summary_dim": m["summary_dim"],
+                "schema_version": m["schema_version"], "generation": self.store.generation(),
+                "lmdb_bytes": self.store.disk_bytes(), **self.prefilters.describe()}
 
     # ---- ranking ---------------------------------------------------------------------------
-    def rank(self, texts: Sequence, labels, task: str = "classification", top: int = 10,
-             shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
-             exact: bool = False, filters: Filters | None = None, progress: bool = False,
-             refine: int | None = None, method: str = DEFAULT_METHOD) -> Ranking:
+    def rank(self, texts: Sequence, labels, task: str = "classification", *, progress: bool = False,
+             **options) -> Ranking:
         """Rank the pool's sources for a target given as texts and labels (class ids, or
-        floats for regression). Bad targets are refused before the (slow) embedding.
-        ``method``: "combined" (ESM-LogME and domain similarity, the default), "esm-logme"
-        (the paper's score alone) or "domain" (domain similarity alone); see domain.py."""
+        floats for regression). ``options`` are ``results.Query``'s (top, shortlist,
+        candidates, refine, exact, filters, method); bad targets and options are refused
+        before the (slow) embedding."""
+        query = Query(**options)
         check_labels(labels, task, len(texts))
         check_size(len(texts))
-        check_stages(top, shortlist, exact, candidates, refine)
-        check_method(method)
+        query_path.check_query(query)
+        filters = query.filters
         if filters and not any(filters.accepts(m) for _, m in self.store.iter_meta()):  # stops at a match
             raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
         t0 = time.perf_counter()
         x = self.embed(texts, progress=progress)
-        ranking = self.rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine, method)
+        ranking = query_path.run(self, x, labels, task, query)
         ranking.timings = {"embed": round(time.perf_counter() - t0 - sum(ranking.timings.values()), 4),
                            **ranking.timings}
         return ranking
 
-    def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", top: int = 10,
-                        shortlist: int | None = DEFAULT_SHORTLIST, candidates: int | None = None,
-                        exact: bool = False, filters: Filters | None = None,
-                        refine: int | None = None, method: str = DEFAULT_METHOD) -> Ranking:
-        """Rank from precomputed base-model embeddings (n, d) of the target."""
-        from .logme import one_blas_thread
-
-        with one_blas_thread():
-            return self._rank_embeddings(x, labels, task, top, shortlist, candidates, exact, filters, refine, method)
-
-    def _rank_embeddings(self, x: np.ndarray, labels, task: str, top: int, shortlist: int | None,
-                         candidates: int | None, exact: bool, filters: Filters | None, refine: int | None,
-                         method: str) -> Ranking:
-        from .domain import combine, similarities
-        from .logme import TargetStats, score_esms
-
-        regression = task == "regression"
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.manifest["dim"]:
-            raise ModelMismatchError(f"target embeddings have shape {x.shape}; this index needs (n, {self.manifest['dim']})")
-        labels = np.asarray(labels)
-        about = check_labels(labels, task, len(x))
-        warnings = check_size(len(x), self.manifest["dim"])
-        check_stages(top, shortlist, exact, candidates, refine)
-        check_method(method)
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[name] = round(now - clock, 4)
-            clock = now
-
-        device = self._device or ("cuda" if _cuda() else "cpu")
-        target = TargetStats.from_embeddings(x, labels, regression, device=device)
-        allowed = None
-        if filters:
-            allowed = np.asarray([i for i, m in self.store.iter_meta() if filters.accepts(m)], np.int64)
-        pool_size = self.store.count() if allowed is None else len(allowed)
-        if allowed is not None and not pool_size:
-            raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
-        stage: dict[int, dict] = {}
-        if exact or shortlist is None or shortlist >= pool_size:
-            found, w, b = self.store.esms(self.store.ids() if allowed is None else allowed)
-        else:
-            from .prefilter import shortlist as prefilter_shortlist
-
-            prefilter = self.prefilter()
-            lap("prepare")
-            found, w, b, stage = prefilter_shortlist(self.store, self.probe, prefilter, target, allowed,
-                                                     shortlist, candidates, refine, lap)
-            if method != "esm-logme":  # the nearest domains are scored too, whatever their approximate score
-                near = prefilter.domain.search(x, shortlist, allowed)
-                found_near, w_near, b_near = self.store.esms(near[~np.isin(near, found)])
-                found, w, b = (np.concatenate([found, found_near]), np.concatenate([w, w_near]),
-                               np.concatenate([b, b_near]))
-        lap("load")
-        import torch
-
-        logme = score_esms(target, torch.from_numpy(w), torch.from_numpy(b)) if len(found) else np.zeros(0)
-        lap("exact")
-        metas = self.store.metas(found)
-        domain = similarities(x, metas)
-        if method == "combined" and not np.isfinite(domain).any():
-            method = "esm-logme"  # no source scored has a domain vector (hfselect's ESMs): say what ranked
-        elif method == "domain" and len(found) and not np.isfinite(domain).any():
-            raise NoSourcesError("no source scored has a domain vector, so there is nothing to rank by domain "
-                                 "similarity (sources made by 'esm-index add' or tools/build_pool.py have one)")
-        scores = combine(logme, domain, method)
-        order = np.lexsort((-logme, -scores))[:top]  # ties (no domain vector, by "domain"): by ESM-LogME
-        results = []
-        for rank, j in enumerate(order, 1):
-            sid, meta = int(found[j]), metas[j]
-            result = {"rank": rank, "source": meta["name"],
-                      "score": float(scores[j]) if np.isfinite(scores[j]) else None,
-                      "esm_logme": float(logme[j]),
-                      "domain_similarity": float(domain[j]) if np.isfinite(domain[j]) else None,
-                      "approx_score": None, **stage.get(sid, {})}
-            result["meta"] = {k: v for k, v in meta.items() if k not in ("name", "fit", "finetune", "embedding", DOMAIN_KEY)}
-            results.append(result)
-        return Ranking(results, pool_size=pool_size, timings=timings, target=about, warnings=warnings,
-                       method=method)
+    def rank_embeddings(self, x: np.ndarray, labels, task: str = "classification", **options) -> Ranking:
+        """Rank from precomputed base-model embeddings (n, d) of the target; ``options`` as
+        for ``rank``."""
+        return query_path.run(self, x, labels, task, Query(**options))
 
 
 def _source_meta(esm: ESM) -> dict:
@@ -433,8 +316,3 @@ def _source_meta(esm: ESM) -> dict:
     meta.setdefault("task_type", "classification")
     return meta
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -111,10 +111,10 @@ def _scatter(ax, pool: PoolMap, color_by: str, ranking) -> None:
     if ranking is not None:
         place = {name: xy for name, xy in zip(pool.names, pool.xy)}
         for r in ranking.results:
-            if r["source"] in place:
-                x, y = place[r["source"]]
+            if r.source in place:
+                x, y = place[r.source]
                 ax.scatter([x], [y], s=size * 6, facecolors="none", edgecolors="black", linewidths=1.2)
-                ax.annotate(f"{r['rank']}. {r['source']}", (x, y), fontsize=7, xytext=(5, 4),
+                ax.annotate(f"{r.rank}. {r.source}", (x, y), fontsize=7, xytext=(5, 4),
                             textcoords="offset points")
     ax.set_xlabel("summary PCA 1")
     ax.set_ylabel("summary PCA 2")
@@ -124,8 +124,8 @@ def _scatter(ax, pool: PoolMap, color_by: str, ranking) -> None:
 
 def _bars(ax, ranking) -> None:
     results = ranking.results
-    names = [f"{r['rank']}. {r['source']}" for r in results][::-1]
-    scores = [r["score"] for r in results][::-1]
+    names = [f"{r.rank}. {r.source}" for r in results][::-1]
+    scores = [r.score for r in results][::-1]
     ax.barh(names, scores, color="tab:blue")
     low, high = min(scores), max(scores)
     pad = (high - low) * 0.1 or abs(high) * 0.01 or 0.01

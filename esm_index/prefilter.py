@@ -1,23 +1,26 @@
-"""The prefilter: a FAISS search over summaries, then two cheaper-than-exact stages, so that
-only a short list of sources reaches the exact scorer.
+"""The prefilter: a FAISS search over summaries, and its files' lifecycle.
 
-    FAISS: local linear score over the whole pool (pools > ``candidates``) -> ``candidates``
-      -> approximate stage: ``adapted_scores`` on the candidates' summaries   -> best ``refine``
-      -> refining stage: ``own_subspace_scores`` on their full maps           -> best ``shortlist``
+    faiss stage: local linear score over the whole pool (pools > ``candidates``) -> ``candidates``
+      -> approximate stage: ``approximate_scores`` on their summaries          -> best ``refine``
+      -> refining stage: ``refining_scores`` on their full maps                -> best ``shortlist``
+
+query.py runs the stages; this module holds the FAISS side and how many sources each
+stage passes on (``plan``).
 
 The FAISS stage. A source's approximate score is a smooth function f of its summary S.
 The summaries of a pool vary in few directions, so FAISS stores each as its PCA
 coordinates z (S ~ mean + sum_j z_j B_j, 64 numbers) in an IVF index whose cells are K-means
-cells in z. One linearisation of f for the whole pool (session 1's design) was too coarse
-for crowded pools; one per cell is not: a query evaluates f and its gradient g_c at every
-cell centre c (one small batched LogME and one backward pass) and scores each source by
-f(c) + g_c . (z - c), an inner product with its own cell's gradient, which is what IVF's
-``search_preassigned`` computes, cell by cell. Worst rank of a target's exact top-5 under
-this score: 196 of 10k, 403 of 100k (BENCHMARKS.md section 6, tools/stage_ranks.py).
+cells in z. One linearisation of f for the whole pool is too coarse for crowded pools; one
+per cell is not: a query evaluates f and its gradient g_c at every cell centre c (one small
+batched LogME and one backward pass) and scores each source by f(c) + g_c . (z - c), an
+inner product with its own cell's gradient, which is what IVF's ``search_preassigned``
+computes, cell by cell. How well it keeps a target's exact top-5: BENCHMARKS.md section 6
+(tools/stage_ranks.py).
 
 What the scores are and why they are accurate is in summary.py. The FAISS files are derived
 data: written atomically, tagged with the LMDB generation they were built from and
-checksummed, so a stale or damaged file is noticed and rebuilt from the store.
+checksummed, so a stale or damaged file is noticed and rebuilt from the store
+(``PrefilterFiles``, the one place that builds, loads, saves and checks them).
 """
 
 from __future__ import annotations
@@ -25,16 +28,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
+import torch
 
 from .domain import DomainSearch, domain_batches
-from .logme import TargetStats
-from .results import DEFAULT_SHORTLIST
-from .summary import TargetView, adapted_scores, centroid_scores, own_subspace_scores
+from .summary import TargetView, centroid_scores, join_probe, pool_directions, summarize
 
 LARGE_POOL = 20_000  # from here on the stages pass on more sources and keep more directions
 
@@ -50,57 +53,11 @@ class Plan:
 
 def plan(pool_size: int) -> Plan:
     """The default stages for a pool. A larger pool has more near-ties at the top, which only
-    finer approximations separate: at 100k a true top-5 source ranked ~1,300th of the exact
-    top-3,000 by the refining score on 32 directions and 5th on 128, and for some targets the
-    approximate stage (bounded by the 128-d probe) ranks the top-5 a few hundredth, so the
-    refining stage must see more. At 10k, 32 directions and 256 / 64 sources keep the whole
-    exact top-5 (BENCHMARKS.md section 6)."""
+    finer approximations separate, so it keeps more directions and passes more sources on
+    (the sizes were measured at 10k and 100k sources: BENCHMARKS.md section 6)."""
     if pool_size <= LARGE_POOL:
         return Plan(candidates=256, refine=64, directions=(32, 32, 32))
     return Plan(candidates=768, refine=384, directions=(64, 64, 128))
-
-
-def shortlist(store, probe: np.ndarray, prefilter: "Prefilter", target: TargetStats,
-              allowed: np.ndarray | None, size: int = DEFAULT_SHORTLIST,
-              candidates: int | None = None, refine: int | None = None,
-              lap: Callable[[str], None] = lambda name: None):
-    """The ``size`` most promising sources for a target: (ids, W, b, stage scores), where
-    stage scores maps a source id to its {"prefilter_score", "approx_score"}. ``allowed``
-    restricts the search to those ids (metadata filters); ``candidates`` and ``refine``
-    default to ``plan(pool size)``."""
-    out_dim = store.manifest["out_dim"]
-    view = TargetView(target)
-    pool_size = store.count() if allowed is None else len(allowed)
-    stage: dict[int, dict] = {}
-    stages = plan(pool_size)
-    candidates, refine = candidates or stages.candidates, refine or stages.refine
-    faiss_k, approx_k, refine_k = stages.directions
-    if pool_size > candidates:
-        ids, scores = prefilter.search(view, probe, out_dim, candidates if allowed is None else store.count(), faiss_k)
-        if allowed is not None:
-            keep = np.isin(ids, allowed)
-            ids, scores = ids[keep][:candidates], scores[keep][:candidates]
-        for i, s in zip(ids.tolist(), scores.tolist()):
-            stage[i] = {"prefilter_score": s}
-    else:
-        ids = store.ids() if allowed is None else allowed
-    lap("faiss")
-    ids, vecs = store.summaries(ids)
-    approx = adapted_scores(view, probe, vecs, out_dim, approx_k)
-    order = np.argsort(-approx)[:max(size, refine)]
-    chosen, approx = ids[order], approx[order]
-    lap("approximate")
-    found, w, b = store.esms(chosen)
-    if len(found) > size:
-        fine = own_subspace_scores(view, w, b, refine_k)
-        keep = np.argsort(-fine)[:size]
-        found, w, b, approx = found[keep], w[keep], b[keep], fine[keep]
-        lap("refine")
-    else:
-        approx = approx[np.isin(chosen, found)]
-    for i, s in zip(found.tolist(), approx.tolist()):
-        stage.setdefault(i, {})["approx_score"] = s
-    return found, w, b, stage
 
 
 # ---- the FAISS index ---------------------------------------------------------------------
@@ -125,7 +82,7 @@ class Prefilter:
     domain: DomainSearch  # the sources' domain vectors (domain.py), searched beside the summaries
 
     def __post_init__(self) -> None:
-        import faiss
+        import faiss  # here, not at the top: a query with --exact never needs it
 
         self.ivf = faiss.downcast_index(self.index.index)
         pca = faiss.downcast_VectorTransform(self.index.chain.at(0))
@@ -168,7 +125,6 @@ class Prefilter:
 def build_prefilter(store, generation: int, seed: int = 0) -> Prefilter:
     """Fit the PCA and the K-means cells on a sample of the summaries, then add them all."""
     import faiss
-    import torch
 
     width, ids = store.manifest["summary_dim"], store.ids()
     rng = np.random.default_rng(seed)
@@ -241,3 +197,68 @@ def load_prefilter(folder: Path, generation: int) -> Prefilter | None:
                          DomainSearch(faiss.deserialize_index(np.frombuffer(domain, np.uint8))))
     except (OSError, ValueError, KeyError, RuntimeError, AttributeError):  # AttributeError: an older layout
         return None
+
+
+class PrefilterFiles:
+    """The prefilter of one index folder through its life: built from the store, saved beside
+    it, loaded while current with the store's generation, rebuilt when stale or damaged (in
+    memory only when the index is read-only). It also keeps the probe the summaries were
+    computed on, refitted to the pool on the first rebuild (see summary.py)."""
+
+    def __init__(self, folder: Path, store, readonly: bool) -> None:
+        self.folder, self.store, self.readonly = Path(folder), store, readonly
+        self.probe = store.probe()
+        self._lock = threading.RLock()
+        self._current: Prefilter | None = None
+
+    def current(self) -> Prefilter:
+        """The prefilter of the store's current generation."""
+        with self._lock:
+            gen = self.store.generation()
+            if self._current is None or self._current.generation != gen:
+                self.store.reload_manifest()  # another process may have refitted the probe
+                self.probe = self.store.probe()
+                self._current = load_prefilter(self.folder, gen)
+                if self._current is None:
+                    self.rebuild()
+            return self._current
+
+    def rebuild(self, reprobe: bool = False) -> None:
+        """Regenerate the FAISS files from the store. The first rebuild of a writable index
+        with at least 8 sources (or ``reprobe``) also fits the pool half of the probe and
+        recomputes every summary."""
+        with self._lock:
+            if (not self.readonly and (reprobe or not self.store.manifest.get("probe_pool_fitted"))
+                    and self.store.count() >= 8):
+                self._fit_probe()
+            self._current = build_prefilter(self.store, self.store.generation())
+            if not self.readonly:
+                save_prefilter(self.folder, self._current)
+
+    def _fit_probe(self, sample: int = 256) -> None:
+        ids = np.random.default_rng(0).permutation(self.store.ids())[:sample]
+        _, w, b = self.store.esms(ids)
+        k = self.probe.shape[1]
+        probe = join_probe(self.store.probe("reference"), pool_directions(w, b, k // 2), k)
+        self.store.reprobe(probe, lambda ww, bb: summarize(ww, bb, probe),
+                           {"probe_pool_fitted": True, "probe_pool_sample": len(ids)})
+        self.probe = probe
+
+    def problems(self) -> list[str]:
+        """What ``verify`` reports about the files (empty when current and complete)."""
+        loaded = load_prefilter(self.folder, self.store.generation())
+        if loaded is None:
+            return ["prefilter files missing, unreadable or stale (run 'esm-index rebuild')"]
+        faiss_ids, store_ids = np.sort(loaded.ids()), np.sort(self.store.ids())
+        if not np.array_equal(faiss_ids, store_ids):
+            return [f"FAISS holds {len(faiss_ids)} sources, LMDB {len(store_ids)}"]
+        return []
+
+    def describe(self) -> dict:
+        """The files as saved: the FAISS factory string and their size on disk."""
+        try:
+            kind = json.loads((self.folder / META_FILE).read_text()).get("factory", "?")
+        except (OSError, ValueError):
+            kind = "missing (run 'esm-index rebuild')"
+        paths = [self.folder / name for name in (FAISS_FILE, DOMAIN_FILE)]
+        return {"prefilter": kind, "faiss_bytes": sum(p.stat().st_size for p in paths if p.exists())}

@@ -1,8 +1,9 @@
 """``esm-index serve``: one long-lived process that keeps the base model, the open indexes
 and their FAISS prefilters warm, and ranks over HTTP with JSON.
 
-Why a service: a fresh ``esm-index rank`` pays ~3 s of start-up (torch, the model, FAISS,
-compiled kernels) for a query that takes 0.2 s warm. AutoML systems also tend to live in
+Why a service: a fresh ``esm-index rank`` pays seconds of start-up (torch, the model, FAISS,
+compiled kernels) for a query that takes a fraction of a second warm (BENCHMARKS.md section 7).
+AutoML systems also tend to live in
 another process or language. The API (OpenAPI schema at ``/openapi.json``, docs at ``/docs``):
 
     GET  /health                        liveness and uptime (no token needed)
@@ -42,8 +43,9 @@ from starlette.exceptions import HTTPException
 from .checks import check_labels, check_size
 from .data import labelled
 from .errors import EsmIndexError, IndexStoreError, InvalidArgumentError
+from . import query as query_path
 from .index import SourceIndex
-from .results import DEFAULT_METHOD, DEFAULT_SHORTLIST, Filters, Ranking
+from .results import DEFAULT_METHOD, DEFAULT_SHORTLIST, Filters, Query, Ranking
 
 log = logging.getLogger("esm_index.server")
 OPEN_PATHS = ("/health",)  # answered without the token: a load balancer's liveness probe
@@ -124,12 +126,11 @@ class Service:
     LMDB generation reloads the prefilter), one embedding lock per index (a fast tokenizer
     must not be entered from two threads) and the query threads.
 
-    Queries run on ``workers`` long-lived threads, never on the HTTP threads. Two reasons,
-    both measured on the 10k pool with the 2 cores busy: numba's OpenMP kernels keep a thread
-    team per calling thread, so queries hopping over uvicorn's 40 pool threads left teams
-    spinning (client p50 3.1 s against 1.1 s in-process); and OpenMP regions of 2 threads
-    stall when another job holds a core, so each query thread runs its kernels with
-    ``threads_per_query`` threads (1 by default: in-process p50 0.37 s against 1.12 s) and
+    Queries run on ``workers`` long-lived threads, never on the HTTP threads. Two reasons
+    (measured in BENCHMARKS.md section 7): numba's OpenMP kernels keep a thread team per
+    calling thread, so queries hopping over uvicorn's pool threads left teams spinning; and
+    OpenMP regions of several threads stall when another job holds a core, so each query
+    thread runs its kernels with ``threads_per_query`` threads (1 by default) and
     concurrency comes from the ``workers`` instead."""
 
     def __init__(self, folders: dict[str, Path], limits: Limits = Limits(), warm: bool = True) -> None:
@@ -179,11 +180,11 @@ class Service:
                                        f"{self.limits.max_targets}")
         prepared = [self._prepare(index, t, i) for i, t in enumerate(req.targets)]
         filters = Filters(**req.filters.model_dump()) if req.filters else None
-        options = dict(top=req.top, shortlist=req.shortlist, candidates=req.candidates, exact=req.exact,
-                       filters=filters, refine=req.refine, method=req.method)
-        return self._queries.submit(self._run, name, prepared, options, time.perf_counter()).result()
+        query = Query(top=req.top, shortlist=req.shortlist, candidates=req.candidates, refine=req.refine,
+                      exact=req.exact, filters=filters, method=req.method)
+        return self._queries.submit(self._run, name, prepared, query, time.perf_counter()).result()
 
-    def _run(self, name: str, prepared: list, options: dict, queued: float) -> list[Ranking]:
+    def _run(self, name: str, prepared: list, query: Query, queued: float) -> list[Ranking]:
         """On a query thread: embed (cached by content) and rank each target in turn."""
         index, rankings, waited = self.indexes[name], [], time.perf_counter() - queued
         for texts, x, data in prepared:
@@ -192,7 +193,7 @@ class Service:
                 with self._embed_locks[name]:
                     x = index.embed(texts)
             embed_s = time.perf_counter() - t0
-            ranking = index.rank_embeddings(x, data.labels, data.task, **options)
+            ranking = query_path.run(index, x, data.labels, data.task, query)
             head = {"queue": round(waited, 4)} | ({"embed": round(embed_s, 4)} if texts is not None else {})
             ranking.timings = {**head, **ranking.timings}
             rankings.append(ranking)
@@ -243,8 +244,8 @@ def _warm(index: SourceIndex) -> None:
     """Pay the first-query costs now: the model, the FAISS files, the compiled kernels.
 
     On a query thread, never the main one: once numba's OpenMP kernels had run on the main
-    thread, every query from another thread made OpenBLAS print "Detect OpenMP Loop" (2,808
-    lines for one query on the 26-source pool)."""
+    thread, every query from another thread made OpenBLAS print "Detect OpenMP Loop" (thousands
+    of lines for one query)."""
     index.prefilter()
     index.embedder.embed(["warm up the model", "and its tokenizer"])
     if len(index):

@@ -42,6 +42,12 @@ def _id(key: bytes) -> int:
     return struct.unpack(">Q", key)[0]
 
 
+def _float32(*stacks) -> tuple[np.ndarray, ...]:
+    """Each sequence of stored arrays stacked as float32 (torch casts float16 twice as fast
+    as numpy, and exactly)."""
+    return tuple(torch.from_numpy(np.stack(arrays)).float().numpy() for arrays in stacks)
+
+
 @dataclass
 class NewSource:
     name: str
@@ -119,21 +125,21 @@ class Store:
     def reprobe(self, probe: np.ndarray, summarize, manifest_update: dict, batch: int = 256) -> None:
         """Replace the probe and recompute every summary with ``summarize(W, b)``, in one
         transaction: readers see either the old probe and summaries or the new ones."""
-        dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
-        n_w = out_dim * dim
         with self.env.begin(write=True) as txn:
             keys = list(txn.cursor(db=self.db["esm"]).iternext(values=False))
             for start in range(0, len(keys), batch):
                 chunk = keys[start:start + batch]
-                arrs = [np.frombuffer(txn.get(k, db=self.db["esm"]), self.esm_dtype) for k in chunk]
-                w = np.stack([a[:n_w].reshape(out_dim, dim) for a in arrs]).astype(np.float32)
-                b = np.stack([a[n_w:] for a in arrs]).astype(np.float32)
+                w, b = _float32(*zip(*(self._decode_esm(txn.get(k, db=self.db["esm"]), _id(k)) for k in chunk)))
                 for k, vec in zip(chunk, summarize(w, b)):
                     txn.put(k, np.ascontiguousarray(vec, "<f4").tobytes(), db=self.db["summary"])
             manifest = {**self.manifest, **manifest_update, "probe_shape": list(probe.shape)}
             txn.put(b"manifest", json.dumps(manifest).encode(), db=self.db["info"])
             txn.put(b"probe", np.ascontiguousarray(probe, "<f4").tobytes(), db=self.db["info"])
             self._bump(txn)
+        self._manifest = None
+
+    def reload_manifest(self) -> None:
+        """Read the manifest again on next use (another process may have changed it)."""
         self._manifest = None
 
     @property
@@ -164,6 +170,7 @@ class Store:
     def esm_dtype(self) -> np.dtype:
         return np.dtype("<f2" if self.manifest.get("esm_dtype", "float16") == "float16" else "<f4")
 
+    # ---- the ESM byte format: W (D x d, row-major) then b, little-endian, in esm_dtype --------
     def _encode_esm(self, weight: np.ndarray, bias: np.ndarray) -> bytes:
         with np.errstate(over="ignore"):
             w = np.ascontiguousarray(weight, self.esm_dtype)
@@ -171,6 +178,15 @@ class Store:
         if not (np.isfinite(w).all() and np.isfinite(b).all()):
             raise InvalidESMError(f"ESM weights do not fit in {self.esm_dtype.name} (overflow)")
         return w.tobytes() + b.tobytes()
+
+    def _decode_esm(self, raw: bytes, source: int) -> tuple[np.ndarray, np.ndarray]:
+        """(W (D, d), b (D,)) in the stored dtype, views of ``raw``; a wrong size is an
+        ``IndexStoreError`` naming the source."""
+        dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
+        arr, n_w = np.frombuffer(raw, self.esm_dtype), out_dim * dim
+        if arr.size != n_w + out_dim:
+            raise IndexStoreError(f"source {source}: stored ESM has {arr.size} values, expected {n_w + out_dim}")
+        return arr[:n_w].reshape(out_dim, dim), arr[n_w:]
 
     def add(self, sources: Iterable[NewSource]) -> list[int | None]:
         """Add sources in one transaction; a name already present is skipped (None), which
@@ -238,24 +254,19 @@ class Store:
 
     def esms(self, ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found_ids, W (B, D, d) float32, b (B, D) float32) for the ids still present."""
-        dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
-        n_w = out_dim * dim
         found, ws, bs = [], [], []
         with self.env.begin() as txn:
             for i in ids:
                 raw = txn.get(_key(int(i)), db=self.db["esm"])
-                if raw is None:
-                    continue
-                arr = np.frombuffer(raw, self.esm_dtype)
-                if arr.size != n_w + out_dim:
-                    raise IndexStoreError(f"source {i}: stored ESM has {arr.size} values, expected {n_w + out_dim}")
-                found.append(int(i))
-                ws.append(arr[:n_w].reshape(out_dim, dim))
-                bs.append(arr[n_w:])
+                if raw is not None:
+                    w, b = self._decode_esm(raw, int(i))
+                    found.append(int(i))
+                    ws.append(w)
+                    bs.append(b)
         if not found:
+            dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
             return np.zeros(0, np.int64), np.zeros((0, out_dim, dim), np.float32), np.zeros((0, out_dim), np.float32)
-        to32 = lambda arrays: torch.from_numpy(np.stack(arrays)).float().numpy()  # noqa: E731 - 2x numpy's f16 cast
-        return np.asarray(found), to32(ws), to32(bs)
+        return (np.asarray(found), *_float32(ws, bs))
 
     def summaries(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, summary vectors) for the given ids (default: all), skipping missing ones."""
@@ -291,7 +302,7 @@ class Store:
     def check(self) -> list[str]:
         """Consistency problems between the tables, and unusable weights (empty when clean)."""
         problems = []
-        dim, out_dim, width = self.manifest["dim"], self.manifest["out_dim"], self.manifest["summary_dim"]
+        width = self.manifest["summary_dim"]
         with self.env.begin() as txn:
             named = {v for _, v in txn.cursor(db=self.db["names"])}
             keys = {db: set(txn.cursor(db=self.db[db]).iternext(values=False)) for db in ("meta", "esm", "summary")}
@@ -299,10 +310,12 @@ class Store:
                 if ks != named:
                     problems.append(f"table {db} has {len(ks)} entries, names has {len(named)}")
             for k in keys["esm"]:
-                arr = np.frombuffer(txn.get(k, db=self.db["esm"]), self.esm_dtype)
-                if arr.size != out_dim * dim + out_dim:
-                    problems.append(f"source {_id(k)}: ESM has {arr.size} values")
-                elif not np.isfinite(arr).all():
+                try:
+                    w, b = self._decode_esm(txn.get(k, db=self.db["esm"]), _id(k))
+                except IndexStoreError as exc:
+                    problems.append(str(exc))
+                    continue
+                if not (np.isfinite(w).all() and np.isfinite(b).all()):
                     problems.append(f"source {_id(k)}: ESM weights not finite")
             for k in keys["summary"]:
                 if len(txn.get(k, db=self.db["summary"])) != 4 * width:

@@ -15,14 +15,14 @@ off-diagonal entries by sqrt(2), so vector dot products equal Frobenius products
 
 The scores, from coarse to fine (prefilter.py chains them):
 
-* ``adapted_scores``: the target's own top-k principal directions *inside* span(U), C;
+* ``approximate_scores``: the target's own top-k principal directions *inside* span(U), C;
   then C^T S C is the source's metric on them and the score is the exact LogME of the target
   projected there. Adapting the directions to the target is what makes this accurate, far
   more than scoring every target on one fixed probe (BENCHMARKS.md section 6 has the ranks
   it gives the exact top-5).
 * ``centroid_scores``: the same score and its gradient at a few points of summary space (the
   FAISS cell centres), for the FAISS stage's local linearisation.
-* ``own_subspace_scores``: the same on the target's own top-k directions in the full space,
+* ``refining_scores``: the same on the target's own top-k directions in the full space,
   from full maps - the closest of them, for the last hundred or so candidates.
 
 All of them are exact in the limit: with every direction kept they equal ESM-LogME (tested).
@@ -35,6 +35,7 @@ import math
 import numpy as np
 import torch
 
+from .errors import InvalidArgumentError
 from .logme import TargetStats, score_grams
 
 DEFAULT_PROBE_DIM = 128  # k: the summary holds k(k+1)/2 floats
@@ -47,7 +48,7 @@ def make_probe(reference_embeddings: np.ndarray, k: int) -> np.ndarray:
     x = np.hstack([x, np.ones((len(x), 1))])
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     if k > vt.shape[0]:
-        raise ValueError(f"probe dimension {k} needs at least {k} reference texts and d >= {k - 1}")
+        raise InvalidArgumentError(f"probe dimension {k} needs at least {k} reference texts and d >= {k - 1}")
     return vt[:k].T.astype(np.float32)  # ((d+1), k)
 
 
@@ -165,7 +166,7 @@ def subspace_scores(target: TargetStats, metrics: torch.Tensor, out_dim: int, ba
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def adapted_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarray, out_dim: int,
+def approximate_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarray, out_dim: int,
                    k: int = ADAPTED_DIM) -> np.ndarray:
     """The approximate stage: LogME on the target's own top-k directions within span(U), from
     summaries alone (C^T S C per source)."""
@@ -175,7 +176,7 @@ def adapted_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarray, o
     return subspace_scores(target, c.T @ unvec(summaries, probe.shape[1]) @ c, out_dim)
 
 
-def own_subspace_scores(view: TargetView, weights: np.ndarray, biases: np.ndarray, k: int = ADAPTED_DIM) -> np.ndarray:
+def refining_scores(view: TargetView, weights: np.ndarray, biases: np.ndarray, k: int = ADAPTED_DIM) -> np.ndarray:
     """The refining stage: LogME on the target's own top-k directions in the full space, from
     full ESMs. Closest to the exact score, but it needs each source's whole map."""
     directions = view.directions(k)
@@ -186,7 +187,7 @@ def own_subspace_scores(view: TargetView, weights: np.ndarray, biases: np.ndarra
 
 def centroid_scores(view: TargetView, probe: np.ndarray, mean: np.ndarray, basis: np.ndarray,
                     centroids: np.ndarray, out_dim: int, k: int = ADAPTED_DIM):
-    """The adapted score f at summaries S = mean + sum_j c_j basis_j, one per row c of
+    """The approximate score f at summaries S = mean + sum_j c_j basis_j, one per row c of
     ``centroids`` (K, m), and its gradient in c: (f (K,), g (K, m))."""
     coords = view.directions(k, probe)
     target = view.project(probe.astype(np.float64) @ coords)

@@ -41,7 +41,7 @@ def test_import_info_list_rank_export_verify(runner, index_dir, esm_dirs, tmp_pa
                                              "--candidates", "8", "--refine", "5", "--json"]))
     exact = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",
                                             "--label-col", "label", "--top", "12", "--exact", "--json"]))
-    stages = {"faiss", "approximate", "refine"}
+    stages = {"faiss", "approximate", "refining"}
     assert stages <= set(staged["timings"]) and not stages & set(exact["timings"])
     assert exact["results"][0]["source"] == staged["results"][0]["source"] == ranking["results"][0]["source"]
     french = cli_json(runner.invoke(main, ["rank", target, "--index", str(index_dir), "--text-col", "text",

@@ -65,7 +65,8 @@ def test_rank_reports_what_it_scored(runner, pool, tmp_path):
     report = cli_json(runner.invoke(main, _rank(pool, SMS, "--json", "--exact")))
     assert report["target"] == {"examples": 300, "task": "classification", "classes": 2, "file": SMS,
                                 "task_from": "guessed from the labels"}
-    assert all("approx_score" in r for r in report["results"])  # null when no approximate stage ran
+    stages = ("faiss_score", "approximate_score", "refining_score")  # null when the stage did not run
+    assert all(r[s] is None for r in report["results"] for s in stages)
     text = runner.invoke(main, _rank(pool, SMS, "--top", "1")).output
     assert text.startswith("300 target examples (classification, 2 classes), 12 sources")
     texts, _ = read_sample("movie_reviews", 40)

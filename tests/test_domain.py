@@ -82,17 +82,17 @@ def pool(tmp_path, tiny_model):
 def test_the_methods_rank_one_scored_set_three_ways(pool):
     texts, labels = _target()
     by = {m: pool.rank(texts, labels, top=40, exact=True, method=m) for m in ("combined", "esm-logme", "domain")}
-    logme = {r["source"]: r["esm_logme"] for r in by["esm-logme"].results}
-    assert all(r["score"] == r["esm_logme"] for r in by["esm-logme"].results)
-    assert [r["source"] for r in by["esm-logme"].results] == sorted(logme, key=lambda s: -logme[s])
-    assert by["domain"].results[0]["source"] == "near" and by["domain"].results[-1]["source"] == "plain"
-    assert by["domain"].results[0]["domain_similarity"] == pytest.approx(1.0, abs=1e-5)
+    logme = {r.source: r.esm_logme for r in by["esm-logme"].results}
+    assert all(r.score == r.esm_logme for r in by["esm-logme"].results)
+    assert [r.source for r in by["esm-logme"].results] == sorted(logme, key=lambda s: -logme[s])
+    assert by["domain"].results[0].source == "near" and by["domain"].results[-1].source == "plain"
+    assert by["domain"].results[0].domain_similarity == pytest.approx(1.0, abs=1e-5)
     combined = by["combined"].results
-    assert combined[0]["source"] == "near" and by["combined"].method == "combined"
-    assert {r["source"]: r["esm_logme"] for r in combined} == pytest.approx(logme)  # the same exact scores
-    plain = next(r for r in combined if r["source"] == "plain")
-    assert plain["domain_similarity"] is None and plain["score"] == plain["esm_logme"]  # no bonus, no malus
-    assert DOMAIN_KEY not in combined[0]["meta"]
+    assert combined[0].source == "near" and by["combined"].method == "combined"
+    assert {r.source: r.esm_logme for r in combined} == pytest.approx(logme)  # the same exact scores
+    plain = next(r for r in combined if r.source == "plain")
+    assert plain.domain_similarity is None and plain.score == plain.esm_logme  # no bonus, no malus
+    assert DOMAIN_KEY not in combined[0].meta
     with pytest.raises(InvalidArgumentError, match="ranking method"):
         pool.rank(texts, labels, method="bogus")
 
@@ -103,9 +103,9 @@ def test_the_prefilter_path_scores_the_nearest_domains_too(pool):
     texts, labels = _target()
     exact = pool.rank(texts, labels, top=40, exact=True, method="combined")
     fast = pool.rank(texts, labels, top=3, shortlist=3, candidates=8, refine=4, method="combined")
-    assert fast.results[0]["source"] == "near" == exact.results[0]["source"]
+    assert fast.results[0].source == "near" == exact.results[0].source
     alone = pool.rank(texts, labels, top=3, shortlist=3, candidates=8, refine=4, method="esm-logme")
-    assert "near" not in {r["source"] for r in alone.results}  # the ESM stages' shortlist of 3 lacks it
+    assert "near" not in {r.source for r in alone.results}  # the ESM stages' shortlist of 3 lacks it
 
 
 def test_the_domain_file_is_derived_and_checked(pool):
@@ -115,7 +115,7 @@ def test_the_domain_file_is_derived_and_checked(pool):
     reader = SourceIndex(pool.folder, readonly=True)
     assert any("prefilter files" in p for p in reader.verify())
     texts, labels = _target()
-    assert reader.rank(texts, labels, top=1, shortlist=3).results[0]["source"] == "near"  # rebuilt in memory
+    assert reader.rank(texts, labels, top=1, shortlist=3).results[0].source == "near"  # rebuilt in memory
     pool.rebuild()
     assert pool.verify() == []
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import REPO, random_esms, read_sample
 from esm_index.errors import IndexStoreError, InvalidESMError, InvalidTargetError, ModelMismatchError
 from esm_index.esm import ESM
-from esm_index.index import Filters, SourceIndex
+from esm_index.index import SourceIndex
+from esm_index.results import Filters
 from esm_index.prefilter import FAISS_FILE
 
 
@@ -42,11 +43,12 @@ def test_add_rank_and_resume(index):
     assert len(index) == 40 and index.verify() == []
     texts, labels = _target()
     exact = index.rank(texts, labels, top=40, exact=True)
-    assert [r["rank"] for r in exact.results] == list(range(1, 41))
-    assert all(a["score"] >= b["score"] for a, b in zip(exact.results, exact.results[1:]))
+    assert [r.rank for r in exact.results] == list(range(1, 41))
+    assert all(a.score >= b.score for a, b in zip(exact.results, exact.results[1:]))
     fast = index.rank(texts, labels, top=5, shortlist=20)
-    assert {r["source"]: r["score"] for r in fast.results}.items() <= {r["source"]: r["score"] for r in exact.results}.items()
-    assert "approx_score" in fast.results[0] and fast.pool_size == 40
+    assert {r.source: r.score for r in fast.results}.items() <= {r.source: r.score for r in exact.results}.items()
+    assert fast.results[0].approximate_score is not None and fast.pool_size == 40
+    assert all(r.faiss_score is r.approximate_score is r.refining_score is None for r in exact.results)
 
 
 def test_every_prefilter_stage_runs_and_keeps_the_best(index):
@@ -65,9 +67,9 @@ def test_every_prefilter_stage_runs_and_keeps_the_best(index):
     texts, labels = _target()
     exact = index.rank(texts, labels, top=3, exact=True)
     fast = index.rank(texts, labels, top=8, shortlist=8, candidates=64, refine=16)
-    assert set(fast.timings) >= {"faiss", "approximate", "refine", "exact"}
-    assert all("prefilter_score" in r and "approx_score" in r for r in fast.results)
-    assert {r["source"] for r in exact.results} <= {r["source"] for r in fast.results}
+    assert set(fast.timings) >= {"faiss", "approximate", "refining", "exact"}
+    assert all(None not in (r.faiss_score, r.approximate_score, r.refining_score) for r in fast.results)
+    assert {r.source for r in exact.results} <= {r.source for r in fast.results}
 
 
 def test_first_rebuild_fits_the_probe_to_the_pool(index):
@@ -93,9 +95,9 @@ def test_scores_equal_a_direct_computation(index):
     from esm_index.logme import logme
 
     x = index.embed(texts)
-    best = index.get_esm(ranking.results[0]["source"])
+    best = index.get_esm(ranking.results[0].source)
     # float16 storage: the stored map is the float16 rounding of the one added
-    assert ranking.results[0]["score"] == pytest.approx(logme(best.apply(x), labels), abs=1e-6)
+    assert ranking.results[0].score == pytest.approx(logme(best.apply(x), labels), abs=1e-6)
 
 
 def test_metadata_filters(index):
@@ -103,10 +105,10 @@ def test_metadata_filters(index):
     index.rebuild()
     texts, labels = _target()
     ranking = index.rank(texts, labels, top=4, filters=Filters(language="de", tags=["sentiment"]), shortlist=4)
-    assert ranking.results and all(r["meta"]["language"] == "de" and "sentiment" in r["meta"]["tags"]
+    assert ranking.results and all(r.meta["language"] == "de" and "sentiment" in r.meta["tags"]
                                    for r in ranking.results)
     sizes = index.rank(texts, labels, top=30, filters=Filters(min_size=2000), exact=True)
-    assert all(r["meta"]["num_examples"] >= 2000 for r in sizes.results) and len(sizes.results) == 10
+    assert all(r.meta["num_examples"] >= 2000 for r in sizes.results) and len(sizes.results) == 10
 
 
 def test_remove_export_and_reimport(index, tmp_path):
@@ -230,7 +232,7 @@ def test_killed_import_loses_nothing_committed_and_resumes(index):
         seen.append(ranking.pool_size)
         # each query sees whole committed batches and ranks the sources it sees
         assert ranking.pool_size % 8 == 0 and len(ranking.results) == min(3, ranking.pool_size)
-        assert all(r["source"].startswith("k") for r in ranking.results)
+        assert all(r.source.startswith("k") for r in ranking.results)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

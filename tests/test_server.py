@@ -104,8 +104,8 @@ def _embedded_target(pool, n=120, offset=0):
 
 
 def _same(remote, local) -> None:
-    assert [r["source"] for r in remote.results] == [r["source"] for r in local.results]
-    assert np.allclose([r["score"] for r in remote.results], [r["score"] for r in local.results], rtol=1e-9)
+    assert [r.source for r in remote.results] == [r.source for r in local.results]
+    assert np.allclose([r.score for r in remote.results], [r.score for r in local.results], rtol=1e-9)
     assert remote.pool_size == local.pool_size and remote.target == local.target
 
 
@@ -287,7 +287,7 @@ def test_a_writer_beside_the_server(server, client):
     remote = client.rank_embeddings(x, y, top=45, exact=True)
     with _local(server["pool"]) as index:
         _same(remote, index.rank_embeddings(x, y, top=45, exact=True))
-    assert remote.pool_size == 45 and any(r["source"].startswith("new") for r in remote.results)
+    assert remote.pool_size == 45 and any(r.source.startswith("new") for r in remote.results)
     with pytest.raises(InvalidTargetError, match="NaN"):
         client.rank_embeddings(np.full((30, 32), np.nan), [0, 1] * 15)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esm_index.logme import TargetStats, score_esms
-from esm_index.summary import (TargetView, adapted_scores, centroid_scores, join_probe, own_subspace_scores,
+from esm_index.summary import (TargetView, approximate_scores, centroid_scores, join_probe, refining_scores,
                                probe_dim, summarize, unvec)
 
 D = 40  # embedding and map dimension; the probes below keep some or all of the D + 1 directions
@@ -61,9 +61,9 @@ def test_in_the_full_space_the_cheap_stages_are_exact(pool, target, n):
     exact = score_esms(TargetStats.from_embeddings(x, y), torch.from_numpy(w), torch.from_numpy(b))
     full = orthonormal(D + 1, D + 1, 6)
     view = TargetView.from_embeddings(x, y)
-    adapted = adapted_scores(view, full, summarize(w, b, full), D, k=D + 1)
-    refined = own_subspace_scores(view, w, b, k=D + 1)
-    np.testing.assert_allclose(adapted, exact, atol=2e-4)
+    approximate = approximate_scores(view, full, summarize(w, b, full), D, k=D + 1)
+    refined = refining_scores(view, w, b, k=D + 1)
+    np.testing.assert_allclose(approximate, exact, atol=2e-4)
     np.testing.assert_allclose(refined, exact, atol=2e-4)
 
 
@@ -87,15 +87,15 @@ def test_on_fewer_directions_the_cheap_stages_rank_like_the_exact_score():
     exact = score_esms(TargetStats.from_embeddings(x, y), torch.from_numpy(w), torch.from_numpy(b))
     view = TargetView.from_embeddings(x, y)
     part = orthonormal(D + 1, 20, 7)
-    approx = adapted_scores(view, part, summarize(w, b, part), D, k=20)
-    refined = own_subspace_scores(view, w, b, k=20)
+    approx = approximate_scores(view, part, summarize(w, b, part), D, k=20)
+    refined = refining_scores(view, w, b, k=20)
     assert not np.allclose(approx, exact, atol=1e-2) and not np.allclose(refined, exact, atol=1e-2)
     assert spearmanr(approx, exact)[0] > 0.6 and spearmanr(refined, exact)[0] > 0.9
     assert set(np.argsort(-exact)[:3]) <= set(np.argsort(-approx)[:8])
 
 
-def test_centroid_scores_are_adapted_scores_and_their_gradient(pool, target):
-    """The FAISS stage's local linearisation: f at S = mean + sum_j c_j B_j is the adapted
+def test_centroid_scores_are_approximate_scores_and_their_gradient(pool, target):
+    """The FAISS stage's local linearisation: f at S = mean + sum_j c_j B_j is the approximate
     score of that summary, and g is its gradient in c (checked by central differences)."""
     w, b = pool
     x, y = target
@@ -107,7 +107,7 @@ def test_centroid_scores_are_adapted_scores_and_their_gradient(pool, target):
     coords = (vecs - mean) @ basis.T
     view = TargetView.from_embeddings(x, y)
     f, g = centroid_scores(view, u, mean, basis, coords, D)
-    np.testing.assert_allclose(f, adapted_scores(view, u, vecs, D), atol=1e-4)
+    np.testing.assert_allclose(f, approximate_scores(view, u, vecs, D), atol=1e-4)
     step = 1e-2 * np.random.default_rng(9).standard_normal(basis.shape[0])
     up, _ = centroid_scores(view, u, mean, basis, coords[:1] + step, D)
     down, _ = centroid_scores(view, u, mean, basis, coords[:1] - step, D)

@@ -123,7 +123,7 @@ def run_size(n: int, root: Path, seed_index: Path, n_targets: int, queries: int,
         for j, (name, x, y) in enumerate(tasks):
             truth = set(ids[np.argsort(-exact[j])[:5]].tolist())
             got = index.rank_embeddings(x, y, top=5, shortlist=shortlist, candidates=candidates).results
-            hits.append(len(truth & {index.store.id_of(r["source"]) for r in got}) / 5)
+            hits.append(len(truth & {index.store.id_of(r.source) for r in got}) / 5)
         recall[setting] = round(float(np.mean(hits)), 3)
     result["recall_at5_by_shortlist/candidates"] = recall
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)

@@ -51,7 +51,7 @@ def main() -> None:
     from esm_index.esm import ESM
     from esm_index.index import SourceIndex
     from esm_index.logme import TargetStats, logme, score_esms
-    from esm_index.summary import TargetView, adapted_scores
+    from esm_index.summary import TargetView, approximate_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
@@ -70,7 +70,7 @@ def main() -> None:
 
     # 1. Same-task retrieval through the product's own query path.
     def position(ranking, own: str) -> int:
-        names = [name_to_task.get(r["source"], r["source"]) for r in ranking.results]
+        names = [name_to_task.get(r.source, r.source) for r in ranking.results]
         return names.index(own) + 1 if own in names else len(names) + 1
 
     esms = {t: ESM.load(args.pool / t) for t in tasks}
@@ -94,28 +94,28 @@ def main() -> None:
         alone = {m: position(index.rank_embeddings(x, y, "classification", top=len(index), method=m), tid)
                  for m in ("esm-logme", "domain")}
         parts = index.rank_embeddings(x, y, "classification", top=len(index), method="esm-logme").results
-        names = np.asarray([name_to_task.get(r["source"], r["source"]) for r in parts])
+        names = np.asarray([name_to_task.get(r.source, r.source) for r in parts])
         for wt in weights:
-            combined = combine([r["esm_logme"] for r in parts],
-                               [np.nan if r["domain_similarity"] is None else r["domain_similarity"] for r in parts],
+            combined = combine([r.esm_logme for r in parts],
+                               [np.nan if r.domain_similarity is None else r.domain_similarity for r in parts],
                                "combined", wt)
             sweep[wt].append(int(np.flatnonzero(names[np.argsort(-combined, kind="stable")] == tid)[0]) + 1)
-        first = name_to_task.get(ranking.results[0]["source"])
+        first = name_to_task.get(ranking.results[0].source)
         winners[first] = winners.get(first, 0) + 1
         stats = TargetStats.from_embeddings(x, y)
         s32 = dict(zip(tasks, score_esms(stats, w, b)))
         s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
         f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
         f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
-        approx = dict(zip(order16, adapted_scores(TargetView(stats), index.probe, summaries,
-                                                  index.manifest["out_dim"])))
+        approx = dict(zip(order16, approximate_scores(TargetView(stats), index.probe, summaries,
+                                                      index.manifest["out_dim"])))
         truth = set(sorted(s16, key=s16.get)[-5:])
         for k in recall:
             recall[k].append(len(truth & set(sorted(approx, key=approx.get)[-k:])) / 5)
         # Experiment: the same scores less each source's score for shuffled labels.
         adjusted = np.asarray([s32[t] for t in tasks]) - common.label_null_scores(x, y, w, b)
         same.append({"target": tid, "n": len(tgt), "own_rank": position(ranking, tid), "top1": first,
-                     "margin": ranking.results[0]["score"] - ranking.results[1]["score"],
+                     "margin": ranking.results[0].score - ranking.results[1].score,
                      "own_rank_esm_logme": alone["esm-logme"], "own_rank_domain": alone["domain"],
                      "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
         print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first}); ESM-LogME alone "
@@ -128,7 +128,7 @@ def main() -> None:
         target = load_labelled(common.SAMPLES / fname, ["text"], "label")
         ranking = index.rank(target.texts, target.labels, target.task, top=len(index))
         samples.append({"sample": fname, "own": own, "own_rank": position(ranking, own),
-                        "top3": [name_to_task.get(r["source"]) for r in ranking.results[:3]],
+                        "top3": [name_to_task.get(r.source) for r in ranking.results[:3]],
                         **{f"own_rank_{m.replace('-', '_')}": position(index.rank(
                             target.texts, target.labels, target.task, top=len(index), method=m), own)
                            for m in ("esm-logme", "domain")}})

@@ -57,7 +57,7 @@ def main() -> None:
             t0 = time.perf_counter()
             ranking = index.rank_embeddings(x, y, top=5, shortlist=shortlist, candidates=candidates, refine=refine)
             latency.append(time.perf_counter() - t0)
-            hits.append(len(truth & {index.store.id_of(r["source"]) for r in ranking.results}) / 5)
+            hits.append(len(truth & {index.store.id_of(r.source) for r in ranking.results}) / 5)
         print(f"{setting}: recall@5 {np.mean(hits):.3f} {hits} p50 {np.median(latency):.3f} s, "
               f"last timings {ranking.timings}", flush=True)
 

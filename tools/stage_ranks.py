@@ -3,8 +3,8 @@
 
 For every target, the worst rank of its exact top-5 sources under:
 * the FAISS stage's local linear score, over the whole pool, keeping 32 or 64 directions;
-* the approximate score (summaries, ``adapted_scores``) and the refining score (full maps,
-  ``own_subspace_scores``), over the exact top ``--within`` sources, keeping k directions.
+* the approximate score (summaries, ``approximate_scores``) and the refining score (full maps,
+  ``refining_scores``), over the exact top ``--within`` sources, keeping k directions.
 A stage keeps the top-5 when these ranks stay below what it passes on (``plan``).
 
 Needs a pool from tools/bench_query.py and its exact scores (tools/recall_sweep.py
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_query import targets  # noqa: E402
 from esm_index.index import SourceIndex  # noqa: E402
 from esm_index.logme import TargetStats  # noqa: E402
-from esm_index.summary import TargetView, adapted_scores, own_subspace_scores  # noqa: E402
+from esm_index.summary import TargetView, approximate_scores, refining_scores  # noqa: E402
 
 
 def worst_rank(ids: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> int:
@@ -59,12 +59,12 @@ def main() -> None:
             row.append(worst_rank(found, scores, truth))
         found, vecs = index.store.summaries(near)
         for k in (32, 64):
-            row.append(worst_rank(found, adapted_scores(view, index.probe, vecs, out_dim, k), truth))
+            row.append(worst_rank(found, approximate_scores(view, index.probe, vecs, out_dim, k), truth))
         refine = {k: [] for k in (32, 64, 128)}
         for start in range(0, len(near), 500):
             found, w, b = index.store.esms(near[start:start + 500])
             for k in refine:
-                refine[k].append(own_subspace_scores(view, w, b, k))
+                refine[k].append(refining_scores(view, w, b, k))
         row += [worst_rank(near, np.concatenate(v), truth) for v in refine.values()]
         print(f"| {name} | " + " | ".join(map(str, row)) + " |", flush=True)
 

@@ -176,11 +176,11 @@ def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
     product = {}
     for method in ("combined", "esm-logme", "domain"):
         ranked = index.rank_embeddings(x, train.labels, "classification", top=len(index), exact=True, method=method)
-        score = {r["meta"].get("task_id", r["source"]): r["score"] for r in ranked.results}
+        score = {r.meta.get("task_id", r.source): r.score for r in ranked.results}
         product[method] = sorted(cands, key=lambda s: -score[s])
-    by_task = {r["meta"].get("task_id", r["source"]): r["esm_logme"] for r in ranked.results}
-    names = [r["meta"].get("task_id", r["source"]) for r in ranked.results]
-    dom = [np.nan if r["domain_similarity"] is None else r["domain_similarity"] for r in ranked.results]
+    by_task = {r.meta.get("task_id", r.source): r.esm_logme for r in ranked.results}
+    names = [r.meta.get("task_id", r.source) for r in ranked.results]
+    dom = [np.nan if r.domain_similarity is None else r.domain_similarity for r in ranked.results]
     for wt in args.weights:  # the combined ranking at other domain weights (a sensitivity check)
         score = dict(zip(names, combine([by_task[n] for n in names], dom, "combined", wt)))
         product[f"combined, domain weight {wt:g}"] = sorted(cands, key=lambda s: -score[s])

@@ -1,0 +1,206 @@
+"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``):
+
+    check_input -> target_statistics -> allowed_ids
+        -> faiss_stage -> approximate_stage -> refining_stage -> nearest_domains   (the prefilter)
+        -> exact_stage -> combine -> results
+
+The prefilter's stages (results.py names them; prefilter.py and summary.py explain them) run
+only when the pool is larger than the shortlist: each passes the best of its sources on to
+the next, and every stage score a source got is reported under its stage's name. The exact
+stage is ESM-LogME (logme.py); ``combine`` orders by the query's method (domain.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .checks import check_labels, check_method, check_size, check_stages
+from .domain import DOMAIN_KEY, combine as combine_scores, similarities
+from .embed import best_device
+from .errors import ModelMismatchError, NoSourcesError
+from .logme import TargetStats, one_blas_thread, score_esms
+from .prefilter import Prefilter, plan
+from .results import Filters, Query, Ranking, Result
+from .summary import TargetView, approximate_scores, refining_scores
+
+HIDDEN_META = ("name", "fit", "finetune", "embedding", DOMAIN_KEY)  # kept in the store, not in results
+STAGES = ("faiss", "approximate", "refining")  # the prefilter's stages, in order
+
+
+class Timer:
+    """Seconds per step, in the order the steps ran: ``lap(name)`` closes the step ``name``."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 4)
+        self._clock = now
+
+
+@dataclass
+class Shortlist:
+    """The sources still in the running (ids, and their maps once loaded) and the score each
+    prefilter stage gave them, by stage name then source id."""
+
+    ids: np.ndarray
+    weights: np.ndarray | None = None  # (B, D, d) float32
+    biases: np.ndarray | None = None  # (B, D) float32
+    stage_scores: dict[str, dict[int, float]] = field(default_factory=lambda: {s: {} for s in STAGES})
+
+    def record(self, stage: str, ids: np.ndarray, scores: np.ndarray) -> None:
+        self.stage_scores[stage].update(zip(ids.tolist(), scores.tolist()))
+
+
+def run(index, x, labels, task: str, query: Query) -> Ranking:
+    """Rank ``index``'s sources for a target given as base-model embeddings (n, d)."""
+    with one_blas_thread():
+        timer = Timer()
+        x, labels, about, warnings = check_input(index.manifest["dim"], x, labels, task, query)
+        target = target_statistics(x, labels, task, index.device)
+        allowed, pool_size = allowed_ids(index.store, query.filters)
+        if query.exact or query.shortlist is None or query.shortlist >= pool_size:
+            found = Shortlist(*index.store.esms(index.store.ids() if allowed is None else allowed))
+        else:
+            prefilter, probe = index.prefilter(), index.probe
+            stages, view = plan(pool_size), TargetView(target)
+            candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
+            faiss_k, approximate_k, refining_k = stages.directions
+            timer.lap("prepare")
+            found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
+            timer.lap("faiss")
+            found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
+            timer.lap("approximate")
+            found = refining_stage(index.store, found, view, query.shortlist, refining_k)
+            if found.stage_scores["refining"]:
+                timer.lap("refining")
+            if query.method != "esm-logme":
+                found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
+        timer.lap("load")
+        logme = exact_stage(target, found)
+        timer.lap("exact")
+        metas = index.store.metas(found.ids)
+        domain = similarities(x, metas)
+        method, scores = combine(logme, domain, query.method)
+        return Ranking(results(found, metas, scores, logme, domain, query.top), pool_size=pool_size,
+                       timings=timer.timings, target=about, warnings=warnings, method=method)
+
+
+def check_input(dim: int, x, labels, task: str, query: Query):
+    """(x, labels, what the target is, warnings); refuses what cannot be ranked."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ModelMismatchError(f"target embeddings have shape {x.shape}; this index needs (n, {dim})")
+    labels = np.asarray(labels)
+    about = check_labels(labels, task, len(x))
+    warnings = check_size(len(x), dim)
+    check_query(query)
+    return x, labels, about, warnings
+
+
+def check_query(query: Query) -> None:
+    check_stages(query.top, query.shortlist, query.exact, query.candidates, query.refine)
+    check_method(query.method)
+
+
+def target_statistics(x: np.ndarray, labels: np.ndarray, task: str, device: str | None) -> TargetStats:
+    """What the scorer needs from the target, computed once (logme.TargetStats)."""
+    return TargetStats.from_embeddings(x, labels, task == "regression", device=device or best_device())
+
+
+def allowed_ids(store, filters: Filters | None) -> tuple[np.ndarray | None, int]:
+    """(ids the filters accept, or None for all; the size of the pool ranked)."""
+    if not filters:
+        return None, store.count()
+    allowed = np.asarray([i for i, m in store.iter_meta() if filters.accepts(m)], np.int64)
+    if not len(allowed):
+        raise NoSourcesError(f"no source of the index matches the filters ({filters.describe()})")
+    return allowed, len(allowed)
+
+
+def faiss_stage(store, prefilter: Prefilter, view: TargetView, probe: np.ndarray, allowed: np.ndarray | None,
+                pool_size: int, candidates: int, directions: int) -> Shortlist:
+    """The ``candidates`` best sources by the local linear score (every allowed source when
+    the pool is no larger)."""
+    if pool_size <= candidates:
+        return Shortlist(store.ids() if allowed is None else allowed)
+    ids, scores = prefilter.search(view, probe, store.manifest["out_dim"],
+                                   candidates if allowed is None else store.count(), directions)
+    if allowed is not None:
+        keep = np.isin(ids, allowed)
+        ids, scores = ids[keep][:candidates], scores[keep][:candidates]
+    found = Shortlist(ids)
+    found.record("faiss", ids, scores)
+    return found
+
+
+def approximate_stage(store, found: Shortlist, view: TargetView, probe: np.ndarray, size: int,
+                      directions: int) -> Shortlist:
+    """The ``size`` best by the approximate score, from the sources' summaries."""
+    ids, summaries = store.summaries(found.ids)
+    scores = approximate_scores(view, probe, summaries, store.manifest["out_dim"], directions)
+    order = np.argsort(-scores)[:size]
+    found.ids = ids[order]
+    found.record("approximate", found.ids, scores[order])
+    return found
+
+
+def refining_stage(store, found: Shortlist, view: TargetView, size: int, directions: int) -> Shortlist:
+    """The ``size`` best by the refining score, from the sources' full maps (loaded here and
+    passed on to the exact stage); runs only when more than ``size`` sources are left."""
+    found.ids, found.weights, found.biases = store.esms(found.ids)
+    if len(found.ids) > size:
+        scores = refining_scores(view, found.weights, found.biases, directions)
+        keep = np.argsort(-scores)[:size]
+        found.ids, found.weights, found.biases = found.ids[keep], found.weights[keep], found.biases[keep]
+        found.record("refining", found.ids, scores[keep])
+    return found
+
+
+def nearest_domains(store, found: Shortlist, prefilter: Prefilter, x: np.ndarray, size: int,
+                    allowed: np.ndarray | None) -> Shortlist:
+    """Add the ``size`` sources whose domain vectors are nearest the target's, whatever
+    their approximate score (domain.py), for the methods that use domain similarity."""
+    near = prefilter.domain.search(x, size, allowed)
+    ids, weights, biases = store.esms(near[~np.isin(near, found.ids)])
+    found.ids = np.concatenate([found.ids, ids])
+    found.weights, found.biases = np.concatenate([found.weights, weights]), np.concatenate([found.biases, biases])
+    return found
+
+
+def exact_stage(target: TargetStats, found: Shortlist) -> np.ndarray:
+    """ESM-LogME of every source left."""
+    if not len(found.ids):
+        return np.zeros(0)
+    return score_esms(target, torch.from_numpy(found.weights), torch.from_numpy(found.biases))
+
+
+def combine(logme: np.ndarray, domain: np.ndarray, method: str) -> tuple[str, np.ndarray]:
+    """(the method that ranked, the score it orders by). Without a domain vector among the
+    sources scored (hfselect's ESMs), "combined" is ESM-LogME and says so; "domain" fails."""
+    if method == "combined" and not np.isfinite(domain).any():
+        method = "esm-logme"
+    elif method == "domain" and len(logme) and not np.isfinite(domain).any():
+        raise NoSourcesError("no source scored has a domain vector, so there is nothing to rank by domain "
+                             "similarity (sources made by 'esm-index add' or tools/build_pool.py have one)")
+    return method, combine_scores(logme, domain, method)
+
+
+def results(found: Shortlist, metas: list[dict], scores: np.ndarray, logme: np.ndarray, domain: np.ndarray,
+            top: int) -> list[Result]:
+    """The ``top`` best, ties (no domain vector, by "domain") broken by ESM-LogME."""
+    order = np.lexsort((-logme, -scores))[:top]
+    optional = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
+    out = []
+    for rank, j in enumerate(order, 1):
+        sid, meta = int(found.ids[j]), metas[j]
+        out.append(Result(rank, meta["name"], optional(scores[j]), float(logme[j]), optional(domain[j]),
+                          *(found.stage_scores[s].get(sid) for s in STAGES),
+                          meta={k: v for k, v in meta.items() if k not in HIDDEN_META}))
+    return out
