@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -135,18 +136,31 @@ def _batches(n: int, batch_size: int, steps: int):
             done += 1
 
 
-def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bool = False) -> ESM:
+def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bool = False,
+                    other_texts: Sequence = (), base: np.ndarray | None = None,
+                    other_base: np.ndarray | None = None) -> ESM:
     """Embed ``texts`` with the base and the fine-tuned encoder; fit the map between them.
-    The texts' mean base embedding is kept too, as the source's domain vector (domain.py)."""
-    base = embedder.embed(texts, progress=progress)
-    tuned = embedder.with_model(tuned_encoder).embed(texts, progress=progress)
-    esm = fit_ridge(base, tuned)
+
+    ``other_texts`` (other kinds of text: the index's reference texts) are fitted on too. A
+    map fitted on the source's texts alone is used on every target's texts, and off its own
+    domain it can be worse than no map at all; a few hundred texts of other kinds keep it
+    honest there (BENCHMARKS.md §4, fidelity). The source's domain vector (domain.py) is the
+    mean base embedding of ``texts`` alone. ``base`` and ``other_base``: their base
+    embeddings, when the caller has them (a pool build reuses one set for every source)."""
+    other = list(other_texts)
+    base = embedder.embed(texts, progress=progress) if base is None else np.asarray(base, np.float32)
+    if other:
+        other_base = embedder.embed(other) if other_base is None else np.asarray(other_base, np.float32)
+    base_all = np.concatenate([base, other_base]) if other else base
+    tuned = embedder.with_model(tuned_encoder).embed(list(texts) + other, progress=progress)
+    esm = fit_ridge(base_all, tuned)
     esm.meta[DOMAIN_KEY] = domain_vector(base)
+    esm.meta["fit_texts"] = {"source": len(texts), "other": len(other)}
     return esm
 
 
 def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
-                     progress: bool = False):
+                     progress: bool = False, other_texts: Sequence = ()):
     """Fine-tune on ``data`` and fit its ESM: (the ESM, the fine-tuned encoder). Timings and
     settings land in ``esm.meta``."""
     cfg = cfg or FinetuneConfig()
@@ -154,7 +168,8 @@ def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig
     tuned = finetune(embedder, data, cfg, progress=progress)
     t1 = time.perf_counter()
     fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.fit_examples]
-    esm = esm_from_models(embedder, tuned, [data.texts[i] for i in fit_idx], progress=progress)
+    esm = esm_from_models(embedder, tuned, [data.texts[i] for i in fit_idx], progress=progress,
+                          other_texts=other_texts)
     t2 = time.perf_counter()
     esm.meta.update({
         "finetune": {**asdict(cfg), "examples": min(len(data), cfg.max_examples),

@@ -208,7 +208,9 @@ class SourceIndex:
         embedder = self.embedder
         log.info("fine-tuning the base model on %d examples of %s (at most %d, %d epochs), then fitting its ESM; "
                  "minutes on a CPU", len(data), name, config.max_examples, config.epochs)
-        esm = finetune_and_fit(embedder, data, config, progress=progress)[0]
+        # fitted on the reference texts too, as the shipped pool's maps are (finetune.esm_from_models)
+        other = REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
+        esm = finetune_and_fit(embedder, data, config, progress=progress, other_texts=other)[0]
         esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
         if replace:  # only now that the new map exists
             self.store.remove([name])

@@ -150,3 +150,17 @@ def test_cli_method_option_and_columns(runner, tmp_path, pool):
     header = runner.invoke(main, [*base, "--csv", "--top", "2"]).stdout.splitlines()[0]
     assert header.startswith("rank,source,score,esm_logme,domain_similarity,")
     assert "bogus" in one_line_error(runner.invoke(main, [*base, "--method", "bogus"]))
+
+
+def test_maps_are_fitted_on_other_texts_too_but_the_domain_is_the_sources(tiny_model):
+    from esm_index.embed import Embedder
+    from esm_index.finetune import esm_from_models
+
+    embedder = Embedder(tiny_model)
+    texts = read_sample("movie_reviews", 60)[0]
+    other = read_sample("sms_spam", 40)[0]
+    esm = esm_from_models(embedder, embedder.model, texts, other_texts=other)
+    assert esm.meta["fit_texts"] == {"source": 60, "other": 40}
+    np.testing.assert_allclose(esm.meta[DOMAIN_KEY], embedder.embed(texts).mean(0), atol=1e-6)
+    # the same encoder on both sides: the map is the identity, whatever it was fitted on
+    np.testing.assert_allclose(esm.apply(embedder.embed(other)), embedder.embed(other), atol=1e-3)

@@ -5,7 +5,8 @@ For each task written by ``tools/prepare_tasks.py``:
   1. split it (``common.split``) into source rows and held-out target rows;
   2. fine-tune the packaged all-MiniLM-L6-v2 on the source rows with a fixed budget of
      optimizer steps (``--steps``; the paper's AdamW recipe otherwise);
-  3. fit the ESM on up to ``--fit-examples`` source rows at the index's 128 tokens;
+  3. fit the ESM on up to ``--fit-examples`` source rows and the index's reference texts
+     (less any held-out row) at the index's 128 tokens;
   4. embed the held-out rows of ``common.FIDELITY_TARGETS`` with the fine-tuned encoder
      (LogME on these real embeddings is what ESM-LogME imitates: tools/eval_pool.py);
   5. keep the fine-tuned encoder (CACHE/models/<task>, safetensors) for the transfer ground
@@ -16,10 +17,10 @@ Output: CACHE/pool/<task>/ with the ESM in hfselect's format plus ``fidelity.npz
 Resumable and parallel: a task with a DONE marker is skipped; each worker claims a task by
 creating CLAIM (holding its pid) and a claim whose process is gone is taken over, so several
 workers (``--threads 1`` each) share the tasks and an interrupted build redoes only the task
-it was on.
+it was on. ``--refit`` redoes steps 3-4 from the kept encoders, without fine-tuning.
 
 Usage: python tools/build_pool.py [--steps 100] [--lr 5e-5] [--max-length 64]
-       [--fit-examples 1500] [--threads N] [--only TASK ...]
+       [--fit-examples 1500] [--threads N] [--only TASK ...] [--refit] [--out DIR]
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import common  # noqa: E402
-from esm_index.domain import DOMAIN_KEY, domain_vector  # noqa: E402
+from esm_index.domain import DOMAIN_KEY  # noqa: E402
 from esm_index.embed import Embedder  # noqa: E402
-from esm_index.esm import fit_ridge  # noqa: E402
-from esm_index.finetune import POOL_RECIPE, FinetuneConfig, finetune, planned_steps  # noqa: E402
+from esm_index.finetune import POOL_RECIPE, FinetuneConfig, esm_from_models, finetune, planned_steps  # noqa: E402
 
 
 def claim(folder: Path) -> bool:
@@ -64,6 +64,50 @@ def claim(folder: Path) -> bool:
     return True
 
 
+def reference_texts(cache: Path) -> list[str]:
+    """The index's reference texts (a mix of every kind of text in the pool) that no task holds
+    out as a target row: each map is fitted on its source's texts and these."""
+    from esm_index.index import REFERENCE_TEXTS
+
+    held_out = set()
+    for tid in common.task_ids(cache):
+        data, _ = common.load_task(tid, cache)
+        held_out.update(data.texts[i] for i in common.split(tid, len(data))[1])
+    return [t for t in REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines() if t not in held_out]
+
+
+def fit_one(embedder: Embedder, tid: str, tuned, cfg: FinetuneConfig, out: Path, cache: Path,
+            meta: dict, fidelity_from: Path | None = None) -> dict:
+    """Steps 3-4: fit the ESM of fine-tuned encoder ``tuned`` (on source texts and reference
+    texts), write it with ``meta`` and the fidelity embeddings to ``out`` (copied from
+    ``fidelity_from`` when that encoder's are there already); returns timings."""
+    data, _ = common.load_task(tid, cache)
+    source = common.subset(data, common.split(tid, len(data))[0])
+    t1 = time.perf_counter()
+    fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
+    fit_texts = [source.texts[i] for i in fit_idx]
+    other = reference_texts(cache)
+    esm = esm_from_models(embedder, tuned, fit_texts, other_texts=other,
+                          base=common.base_embeddings(embedder, fit_texts, cache),
+                          other_base=common.base_embeddings(embedder, other, cache))
+    t2 = time.perf_counter()
+    tuned_embedder = embedder.with_model(tuned)
+    fidelity = {}
+    for fid in common.FIDELITY_TARGETS if fidelity_from is None else ():
+        fdata, _ = common.load_task(fid, cache)
+        _, f_idx = common.split(fid, len(fdata))
+        fidelity[fid] = tuned_embedder.embed([fdata.texts[i] for i in f_idx]).astype(np.float16)
+    t3 = time.perf_counter()
+    esm.meta.update({**meta, "fit_seconds": round(t2 - t1, 1), "fidelity_seconds": round(t3 - t2, 1)})
+    esm.save(out)
+    if fidelity_from is None:
+        np.savez(out / "fidelity.npz", **fidelity)
+    elif fidelity_from.resolve() != (out / "fidelity.npz").resolve():
+        shutil.copyfile(fidelity_from, out / "fidelity.npz")
+    return {"fit_s": round(t2 - t1, 1), "fidelity_s": round(t3 - t2, 1), "heldout_mse": esm.meta["fit"]["heldout_mse"],
+            "identity_mse": esm.meta["fit"]["identity_mse"], "fit_texts": esm.meta["fit_texts"]}
+
+
 def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cache: Path) -> dict:
     """Steps 1-5 above for one task; returns its build record."""
     data, meta = common.load_task(tid, cache)
@@ -72,23 +116,11 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
     t0 = time.perf_counter()
     tuned = finetune(embedder, source, cfg)
     t1 = time.perf_counter()
-    fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
-    fit_texts = [source.texts[i] for i in fit_idx]
-    base = common.base_embeddings(embedder, fit_texts, cache)
-    tuned_embedder = embedder.with_model(tuned)
-    esm = fit_ridge(base, tuned_embedder.embed(fit_texts))
-    t2 = time.perf_counter()
-    fidelity = {}
-    for fid in common.FIDELITY_TARGETS:
-        fdata, _ = common.load_task(fid, cache)
-        _, f_idx = common.split(fid, len(fdata))
-        fidelity[fid] = tuned_embedder.embed([fdata.texts[i] for i in f_idx]).astype(np.float16)
-    t3 = time.perf_counter()
     models = cache / "models" / tid
     shutil.rmtree(models, ignore_errors=True)
     tuned.save_pretrained(models, safe_serialization=True)
     steps = planned_steps(len(source), cfg)
-    esm.meta.update({
+    record = fit_one(embedder, tid, tuned, cfg, out, cache, {
         "task_id": tid, "title": meta["name"], "language": meta["language"], "task_type": "classification",
         "label_names": meta["label_names"], "num_examples": len(source), "held_out_target_rows": len(tgt_idx),
         "provenance": f"{meta['source_package']}:{meta['source_path']}", "licence": meta["licence"],
@@ -97,15 +129,24 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
         "finetune": {"steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                      "max_length": cfg.max_length, "max_passes": cfg.epochs, "seed": cfg.seed,
                      "examples_seen": steps * cfg.batch_size, "seconds": round(t1 - t0, 1)},
-        "fit_seconds": round(t2 - t1, 1), "fidelity_seconds": round(t3 - t2, 1),
-        DOMAIN_KEY: domain_vector(base),
     })
-    esm.save(out)
-    np.savez(out / "fidelity.npz", **fidelity)
     return {"task": tid, "source_rows": len(source), "target_rows": len(tgt_idx), "steps": steps,
-            "finetune_s": round(t1 - t0, 1), "fit_s": round(t2 - t1, 1), "fidelity_s": round(t3 - t2, 1),
-            "total_s": round(time.perf_counter() - t0, 1), "heldout_mse": esm.meta["fit"]["heldout_mse"],
-            "identity_mse": esm.meta["fit"]["identity_mse"]}
+            "finetune_s": round(t1 - t0, 1), **record, "total_s": round(time.perf_counter() - t0, 1)}
+
+
+def refit_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cache: Path) -> dict:
+    """Steps 3-4 again from the kept encoder (no fine-tuning): a new ESM fit, same metadata."""
+    from transformers import AutoModel
+
+    from esm_index.esm import ESM
+
+    old = ESM.load(cache / "pool" / tid).meta
+    keep = {k: v for k, v in old.items() if k not in ("fit", "fit_texts", "fit_seconds", "fidelity_seconds",
+                                                        DOMAIN_KEY)}
+    t0 = time.perf_counter()
+    record = fit_one(embedder, tid, AutoModel.from_pretrained(cache / "models" / tid), cfg, out, cache, keep,
+                     fidelity_from=cache / "pool" / tid / "fidelity.npz")
+    return {"task": tid, "refit": True, **record, "total_s": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
@@ -120,6 +161,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (one per worker when several run)")
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--model", type=Path, default=None, help="base model folder (default: the packaged MiniLM)")
+    ap.add_argument("--refit", action="store_true",
+                    help="refit every built task's ESM from its kept encoder (CACHE/models), no fine-tuning")
+    ap.add_argument("--out", type=Path, default=None, help="where the ESM folders go (default CACHE/pool)")
     args = ap.parse_args()
 
     import torch
@@ -129,14 +173,16 @@ def main() -> None:
     embedder = Embedder(args.model)
     cfg = replace(POOL_RECIPE, fit_examples=args.fit_examples, epochs=args.max_passes, max_steps=args.steps,
                   lr=args.lr, max_length=args.max_length)
-    pool = args.cache / "pool"
+    pool = args.out or args.cache / "pool"
     log = pool / "_build_log.jsonl"  # "_": not matched by the README's pool/[a-z]* import glob
     for tid in tids:
         out = pool / tid
+        if args.refit and not (args.cache / "models" / tid / "config.json").is_file():
+            continue  # never built here: nothing to refit
         if not claim(out):
             continue
         try:
-            record = build_one(embedder, tid, cfg, out, args.cache)
+            record = (refit_one if args.refit else build_one)(embedder, tid, cfg, out, args.cache)
         except BaseException:
             (out / "CLAIM").unlink(missing_ok=True)
             raise
