@@ -15,7 +15,7 @@ per cell is not: a query evaluates f and its gradient g_c at every cell centre c
 batched LogME and one backward pass) and scores each source by f(c) + g_c . (z - c), an
 inner product with its own cell's gradient, which is what IVF's ``search_preassigned``
 computes, cell by cell. How well it keeps a target's exact top-5: BENCHMARKS.md section 6
-(tools/stage_ranks.py).
+(tools/bench/stage_ranks.py).
 
 What the scores are and why they are accurate is in summary.py. The FAISS files are derived
 data: written atomically, tagged with the LMDB generation they were built from and

@@ -54,7 +54,7 @@ def test_add_rank_and_resume(index):
 def test_every_prefilter_stage_runs_and_keeps_the_best(index):
     """A pool larger than ``candidates``: FAISS (local linear score per K-means cell), the
     approximate stage, the refining stage and the exact rerank all run, and the exact top-3
-    survives them. The pool is built like tools/bench_query.py's: mixtures of a few maps."""
+    survives them. The pool is built like tools/bench/bench_query.py's: mixtures of a few maps."""
     rng = np.random.default_rng(3)
     seeds = random_esms(rng, 8, 32, scale=0.5)
     for i in range(700):

@@ -13,7 +13,7 @@ resampled with small noise to n rows. At d=768 (no such model offline) the targe
 synthetic: a decaying spectrum plus an exact linear relation like LayerNorm's. ESMs are
 near-identity maps (the cost does not depend on their values).
 
-Usage: python tools/bench_scoring.py [--sources 500] [--configs 384:1000 384:5000 768:1000]
+Usage: python tools/bench/bench_scoring.py [--sources 500] [--configs 384:1000 384:5000 768:1000]
        [--no-hfselect] [--device cuda]
 """
 
@@ -23,38 +23,20 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from esm_index.logme import TargetStats, score_esms  # noqa: E402
-
-
-def sample_texts() -> tuple[list[str], list[int]]:
-    """The movie-review and SMS sample targets as one 4-class task (600 real texts)."""
-    from esm_index.data import read_table
-
-    texts, labels = [], []
-    for offset, name in enumerate(("movie_reviews", "sms_spam")):
-        rows = read_table(REPO / "indexes" / "samples" / f"{name}.csv")
-        names = sorted({r["label"] for r in rows})
-        texts += [r["text"] for r in rows]
-        labels += [2 * offset + names.index(r["label"]) for r in rows]
-    return texts, labels
+from shared import CACHE, sample_texts
+from esm_index.logme import TargetStats, score_esms  # noqa: E402 - shared puts the checkout on sys.path
 
 
 def real_target(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n rows resampled (with 1% noise) from MiniLM embeddings of the sample targets."""
     from esm_index.embed import Embedder
 
-    cache = Path.home() / ".cache" / "esm-index" / "bench_target.npz"
+    cache = CACHE / "bench_target.npz"
     if cache.exists():
         data = np.load(cache)
         x, y = data["x"], data["y"]

@@ -12,9 +12,9 @@ Measures, each as the whole CLI command a user types (process start to exit, wal
 
 Bounded: every loop has a count and the whole run a deadline; the server is stopped with
 SIGTERM at the end (or on any error). The pool is built once under --root (never in the repo)
-from the shipped pool's ESMs, as tools/bench_query.py builds its pools.
+from the shipped pool's ESMs, as tools/bench/bench_query.py builds its pools.
 
-    python tools/bench_serve.py --root /tmp/esm-serve-bench --sources 10000
+    python tools/bench/bench_serve.py --root /tmp/esm-serve-bench --sources 10000
 """
 
 from __future__ import annotations
@@ -32,28 +32,18 @@ import threading
 import time
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
-sys.path.insert(0, str(TOOLS))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from shared import REPO, SAMPLES, grow_pool
+
 CLI = [sys.executable, "-m", "esm_index.cli"]
-SAMPLES = REPO / "indexes" / "samples"
 TARGET = SAMPLES / "movie_reviews.csv"
 
 
 def build_pool(folder: Path, n: int) -> None:
     """N synthetic sources (mixtures of the shipped pool's real ESMs), resumable."""
-    from bench_query import seed_esms, synthetic
-
     from esm_index.index import SourceIndex
 
-    w, b = seed_esms(REPO / "indexes" / "default")
-    if not (folder / "store.lmdb").exists():
-        SourceIndex.create(folder).close()
+    grow_pool(folder, n, progress=True)
     with SourceIndex(folder) as index:
-        for start in range(len(index), n, 2048):
-            index.add_esms(synthetic(w, b, start, min(2048, n - start)), batch_size=256)
-            print(f"  {min(start + 2048, n)} / {n} sources", file=sys.stderr, flush=True)
         index.rebuild()
 
 

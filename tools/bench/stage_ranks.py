@@ -7,25 +7,21 @@ For every target, the worst rank of its exact top-5 sources under:
   ``refining_scores``), over the exact top ``--within`` sources, keeping k directions.
 A stage keeps the top-5 when these ranks stay below what it passes on (``plan``).
 
-Needs a pool from tools/bench_query.py and its exact scores (tools/recall_sweep.py
---exact-cache writes them).
+Needs a pool from tools/bench/bench_query.py. The exact scores are read from --exact-cache
+(recall_sweep.py writes the same file for the same --targets) or computed and written there.
 
-Usage: python tools/stage_ranks.py /tmp/esm-bench/pool-10000 --exact-cache /tmp/exact10k.npz --targets 8
+Usage: python tools/bench/stage_ranks.py /tmp/esm-bench/pool-10000 --exact-cache /tmp/exact10k.npz --targets 8
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_query import targets  # noqa: E402
-from esm_index.index import SourceIndex  # noqa: E402
+import shared
+from esm_index.index import SourceIndex  # noqa: E402 - shared puts the checkout on sys.path
 from esm_index.logme import TargetStats  # noqa: E402
 from esm_index.summary import TargetView, approximate_scores, refining_scores  # noqa: E402
 
@@ -39,17 +35,17 @@ def worst_rank(ids: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("pool", type=Path)
-    ap.add_argument("--exact-cache", type=Path, required=True)
+    ap.add_argument("--exact-cache", type=Path, required=True, help="npz of exact scores to reuse or write")
     ap.add_argument("--targets", type=int, default=8)
     ap.add_argument("--within", type=int, default=3000)
     args = ap.parse_args()
     index = SourceIndex(args.pool, readonly=True)
     prefilter, out_dim = index.prefilter(), index.manifest["out_dim"]
-    data = np.load(args.exact_cache)
-    exact, ids = data["exact"], data["ids"]
+    tasks = shared.targets(index, args.targets)
+    ids, exact = shared.exact_scores(index, tasks, args.exact_cache)
     print("| target | FAISS k=32 | FAISS k=64 | approx k=32 | approx k=64 | refine k=32 | refine k=64 | refine k=128 |")
     print("|---|---|---|---|---|---|---|---|")
-    for t, (name, x, y) in enumerate(targets(args.targets)):
+    for t, (name, x, y) in enumerate(tasks):
         view = TargetView(TargetStats.from_embeddings(x, y))
         order = np.argsort(-exact[t])
         truth, near = ids[order[:5]], ids[order[:args.within]]

@@ -10,7 +10,7 @@ Timed, alternating, each in a fresh Python process, wall clock:
   esm-index: `esm-index rank target.csv --index IDX --exact --top 500 --json`
              with an empty embedding cache (so it embeds too)
 
-Usage: python tools/bench_e2e.py [--sources 500] [--rows 1000] [--repeats 3] [--root /tmp/esm-e2e]
+Usage: python tools/bench/bench_e2e.py [--sources 500] [--rows 1000] [--repeats 3] [--root /tmp/esm-e2e]
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from shared import DEFAULT_POOL, sample_texts
 
 HFSELECT_JOB = r"""
 import sys, csv, os
@@ -63,7 +60,7 @@ def setup(root: Path, sources: int, rows: int) -> tuple[Path, Path, Path, Path]:
         root.mkdir(parents=True, exist_ok=True)
         link.symlink_to(default_model_path())
     if not (index_dir / "store.lmdb").exists():
-        with SourceIndex(REPO / "indexes" / "default", readonly=True) as pool:
+        with SourceIndex(DEFAULT_POOL, readonly=True) as pool:
             _, w, b = pool.store.esms(pool.store.ids())
         rng = np.random.default_rng(0)
         items = []
@@ -77,8 +74,6 @@ def setup(root: Path, sources: int, rows: int) -> tuple[Path, Path, Path, Path]:
             index.add_esms(items)
             index.rebuild()
     if not target.exists():
-        from bench_scoring import sample_texts
-
         texts, labels = sample_texts()
         idx = np.random.default_rng(1).permutation(np.resize(np.arange(len(texts)), rows))
         with open(target, "w", newline="", encoding="utf-8") as fh:

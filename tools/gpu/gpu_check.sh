@@ -6,6 +6,6 @@ export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 for lib in cusolver magma; do
-  timeout 200 python3 tools/bench_scoring.py --device cuda --no-hfselect --synthetic --linalg $lib \
+  timeout 200 python3 tools/bench/bench_scoring.py --device cuda --no-hfselect --synthetic --linalg $lib \
       --sources 500 --configs 768:1000 384:1000 768:5000 --repeats 2
 done

@@ -1,31 +1,27 @@
 #!/usr/bin/env python3
 """The FAISS stage alone at pool sizes the disk cannot hold as ESMs (1M x 295 kB).
 
-Takes a built pool (tools/bench_query.py), reads the PCA coordinates its FAISS index holds,
+Takes a built pool (tools/bench/bench_query.py), reads the PCA coordinates its FAISS index holds,
 and builds a FAISS index over N of them: the pool's own coordinates, then jittered copies
 (Gaussian noise of 5 % of each coordinate's spread), assigned to the pool's K-means cells.
 It times the FAISS stage of the default query (centroid scores + per-cell search) for real
 targets and reports the process's peak RSS. The later stages read a fixed number of
 summaries and maps from LMDB whatever N is, so they are not part of this measurement.
 
-Usage: python tools/bench_faiss_scale.py /tmp/esm-bench/pool-100000 --sizes 1000000
+Usage: python tools/bench/bench_faiss_scale.py /tmp/esm-bench/pool-100000 --sizes 1000000
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_query import targets  # noqa: E402
-from esm_index.index import SourceIndex  # noqa: E402
+import shared
+from esm_index.index import SourceIndex  # noqa: E402 - shared puts the checkout on sys.path
 from esm_index.logme import TargetStats, one_blas_thread  # noqa: E402
 from esm_index.prefilter import Prefilter, plan  # noqa: E402
 from esm_index.summary import TargetView  # noqa: E402
@@ -44,7 +40,7 @@ def main() -> None:
     base = index.prefilter()
     coords = np.concatenate([c for _, c in base.cells()])
     spread = coords.std(0)
-    views = [TargetView(TargetStats.from_embeddings(x, y)) for _, x, y in targets(args.targets)]
+    views = [TargetView(TargetStats.from_embeddings(x, y)) for _, x, y in shared.targets(index, args.targets)]
     rng = np.random.default_rng(0)
     for n in args.sizes:
         quantizer = faiss.IndexFlatL2(coords.shape[1])
@@ -59,7 +55,7 @@ def main() -> None:
             ivf.add_with_ids(np.ascontiguousarray(chunk), np.arange(start, start + count, dtype=np.int64))
         build = time.perf_counter() - t0
         scaled = Prefilter(base.generation, faiss.IndexPreTransform(faiss.downcast_VectorTransform(base.index.chain.at(0)), ivf),
-                           base.mean)
+                           base.mean, base.domain)
         directions = plan(n).directions[0]
         times = []
         for view in views:

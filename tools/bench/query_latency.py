@@ -2,7 +2,7 @@
 """Query latency and peak RSS of a fresh process that opens an existing index and runs the
 default query for a few real targets (cached embeddings), as a long-lived service would.
 
-Usage: python tools/query_latency.py /tmp/esm-bench/pool-100000 [--targets 8] [--queries 3]
+Usage: python tools/bench/query_latency.py /tmp/esm-bench/pool-100000 [--targets 8] [--queries 3]
 """
 
 from __future__ import annotations
@@ -10,17 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench_query import targets  # noqa: E402
-from esm_index.index import SourceIndex  # noqa: E402
+import shared
+from esm_index.index import SourceIndex  # noqa: E402 - shared puts the checkout on sys.path
 
 
 def main() -> None:
@@ -34,7 +30,7 @@ def main() -> None:
     index.prefilter()
     open_s = time.perf_counter() - t0
     latencies, last = [], None
-    for _, x, y in targets(args.targets):
+    for _, x, y in shared.targets(index, args.targets):
         for _ in range(args.queries):
             t0 = time.perf_counter()
             last = index.rank_embeddings(x, y, top=5)

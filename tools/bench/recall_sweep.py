@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Recall of the exact top-5 and latency of the prefiltered query, for several stage settings,
+on a pool built by tools/bench/bench_query.py.
+
+The exact scores of the whole pool are computed once (or read from --exact-cache), then each
+setting runs the query path for every target. A setting is ``default`` (prefilter.plan's
+stage sizes) or CANDIDATES/REFINE/SHORTLIST: the sources the FAISS, approximate and refining
+stages pass on, as BENCHMARKS.md §6 writes them.
+
+Usage: python tools/bench/recall_sweep.py /tmp/esm-bench/pool-10000 default 256/64/16 512/256/32 \\
+           --exact-cache /tmp/exact10k.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+import shared
+
+
+def main() -> None:
+    from esm_index.index import SourceIndex
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("pool", type=Path)
+    ap.add_argument("settings", nargs="+", help="default, or CANDIDATES/REFINE/SHORTLIST (e.g. 256/64/32)")
+    ap.add_argument("--targets", type=int, default=8)
+    ap.add_argument("--exact-cache", type=Path, default=None, help="npz of exact scores to reuse or write")
+    args = ap.parse_args()
+    options = {setting: shared.parse_setting(setting) for setting in args.settings}  # refuse a typo before the scan
+    index = SourceIndex(args.pool, readonly=True)
+    index.prefilter()
+    tasks = shared.targets(index, args.targets)
+    ids, exact = shared.exact_scores(index, tasks, args.exact_cache)
+    for setting in args.settings:
+        hits, latency, ranking = shared.recall_at5(index, tasks, ids, exact, **options[setting])
+        print(f"{setting}: recall@5 {np.mean(hits):.3f} {hits} p50 {np.median(latency):.3f} s, "
+              f"last timings {ranking.timings}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
