@@ -355,10 +355,6 @@ def make_app(service: Service, token: str | None = None) -> FastAPI:
     async def bad_input(request: Request, exc: EsmIndexError) -> JSONResponse:
         return error_response(getattr(exc, "http_status", 400), str(exc), exc.__class__.__name__)
 
-    @app.exception_handler(ValueError)
-    async def bad_value(request: Request, exc: ValueError) -> JSONResponse:
-        return error_response(400, f"{exc.__class__.__name__}: {exc}", "InvalidArgumentError")
-
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         # the traceback goes to the server's log (as text: the CLI's log handler prints messages only)
