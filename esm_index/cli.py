@@ -282,8 +282,9 @@ def _rank_remote(url: str, folder, target_file, text_cols, label_cols, task, opt
 @click.option("--token", envvar="ESM_INDEX_TOKEN", default=None,
               help="Bearer token clients must send (env ESM_INDEX_TOKEN, which keeps it out of 'ps').")
 @click.option("--workers", type=int, default=2, show_default=True, help="Queries computed at once; more wait.")
-@click.option("--threads-per-query", type=int, default=1, show_default=True,
-              help="numba / FAISS threads inside one query (0: the libraries' default, all cores).")
+@click.option("--threads-per-query", type=int, default=None,
+              help="numba / FAISS threads inside one query (default: the cores shared among the queries "
+                   "running at the time, so a lone query gets them all; 0: the libraries' default).")
 @click.option("--max-body-mb", type=float, default=64.0, show_default=True)
 @click.option("--max-rows", type=int, default=20_000, show_default=True, help="Rows per target.")
 @click.option("--max-targets", type=int, default=64, show_default=True, help="Targets per request.")
@@ -302,7 +303,7 @@ def serve(indexes, host, port, token, workers, threads_per_query, max_body_mb, m
         if not (Path(path) / "store.lmdb").exists():
             _fail(f"{path}: not an index folder (no store.lmdb)")
         folders[name] = Path(path)
-    if threads_per_query < 0:
+    if threads_per_query is not None and threads_per_query < 0:
         _fail(f"--threads-per-query must be 0 or more, not {threads_per_query}")
     run_server(folders, host, port, token, Limits(max_body_mb, max_rows, max_targets, workers, threads_per_query),
                warm=not no_warm)

@@ -59,7 +59,9 @@ class Limits:
     max_rows: int = 20_000
     max_targets: int = 64
     workers: int = 2  # queries computed at once, each on its own thread; more wait
-    threads_per_query: int = 1  # numba / FAISS threads inside one query; 0: the libraries' default
+    # numba / FAISS threads inside one query; None: all cores shared among the queries running
+    # at that moment (a lone query gets every core, two get half each); 0: the libraries' default
+    threads_per_query: int | None = None
 
 
 # ---- the schema -------------------------------------------------------------------------------
@@ -130,8 +132,9 @@ class Service:
     (measured in BENCHMARKS.md section 7): numba's OpenMP kernels keep a thread team per
     calling thread, so queries hopping over uvicorn's pool threads left teams spinning; and
     OpenMP regions of several threads stall when another job holds a core, so each query
-    thread runs its kernels with ``threads_per_query`` threads (1 by default) and
-    concurrency comes from the ``workers`` instead."""
+    thread runs its kernels with few threads: by default the cores divided among the queries
+    running when it starts (a lone client's query gets every core), or a fixed
+    ``threads_per_query``; concurrency comes from the ``workers``."""
 
     def __init__(self, folders: dict[str, Path], limits: Limits = Limits(), warm: bool = True) -> None:
         if not folders:
@@ -140,7 +143,9 @@ class Service:
         self.indexes = {name: SourceIndex(folder, readonly=True) for name, folder in folders.items()}
         self._embed_locks = {name: threading.Lock() for name in folders}
         self._queries = ThreadPoolExecutor(limits.workers, thread_name_prefix="esm-query",
-                                           initializer=_query_thread, initargs=(limits.threads_per_query,))
+                                           initializer=_query_thread, initargs=(limits.threads_per_query or 0,))
+        self._running, self._running_lock = 0, threading.Lock()
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.started = time.time()
         if warm:  # on a query thread: see _warm
             for index in self.indexes.values():
@@ -185,20 +190,30 @@ class Service:
         return self._queries.submit(self._run, name, prepared, query, time.perf_counter()).result()
 
     def _run(self, name: str, prepared: list, query: Query, queued: float) -> list[Ranking]:
-        """On a query thread: embed (cached by content) and rank each target in turn."""
+        """On a query thread: embed (cached by content) and rank each target in turn, with
+        this query's share of the cores (``Limits.threads_per_query``)."""
         index, rankings, waited = self.indexes[name], [], time.perf_counter() - queued
-        for texts, x, data in prepared:
-            t0 = time.perf_counter()
-            if x is None:
-                with self._embed_locks[name]:
-                    x = index.embed(texts)
-            embed_s = time.perf_counter() - t0
-            ranking = query_path.run(index, x, data.labels, data.task, query)
-            head = {"queue": round(waited, 4)} | ({"embed": round(embed_s, 4)} if texts is not None else {})
-            ranking.timings = {**head, **ranking.timings}
-            rankings.append(ranking)
-            waited = 0.0
-        return rankings
+        with self._running_lock:
+            self._running += 1
+            share = max(1, self._cores // self._running)
+        try:
+            if self.limits.threads_per_query is None:
+                _query_thread(share)
+            for texts, x, data in prepared:
+                t0 = time.perf_counter()
+                if x is None:
+                    with self._embed_locks[name]:
+                        x = index.embed(texts)
+                embed_s = time.perf_counter() - t0
+                ranking = query_path.run(index, x, data.labels, data.task, query)
+                head = {"queue": round(waited, 4)} | ({"embed": round(embed_s, 4)} if texts is not None else {})
+                ranking.timings = {**head, **ranking.timings}
+                rankings.append(ranking)
+                waited = 0.0
+            return rankings
+        finally:
+            with self._running_lock:
+                self._running -= 1
 
     def _prepare(self, index: SourceIndex, target: Target, number: int):
         """(texts or None, embeddings or None, encoded labels): refuses what cannot be ranked
