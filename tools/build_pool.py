@@ -26,6 +26,7 @@ Usage: python tools/build_pool.py [--steps 100] [--lr 5e-5] [--max-length 64]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import common  # noqa: E402
 from esm_index.domain import DOMAIN_KEY  # noqa: E402
+from esm_index.data import LabelledData  # noqa: E402
 from esm_index.embed import Embedder  # noqa: E402
 from esm_index.finetune import POOL_RECIPE, FinetuneConfig, esm_from_models, finetune, planned_steps  # noqa: E402
 
@@ -64,9 +66,11 @@ def claim(folder: Path) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def reference_texts(cache: Path) -> list[str]:
     """The index's reference texts (a mix of every kind of text in the pool) that no task holds
-    out as a target row: each map is fitted on its source's texts and these."""
+    out as a target row: each map is fitted on its source's texts and these. Computed once per
+    process (it reads every task)."""
     from esm_index.index import REFERENCE_TEXTS
 
     held_out = set()
@@ -76,13 +80,11 @@ def reference_texts(cache: Path) -> list[str]:
     return [t for t in REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines() if t not in held_out]
 
 
-def fit_one(embedder: Embedder, tid: str, tuned, cfg: FinetuneConfig, out: Path, cache: Path,
+def fit_one(embedder: Embedder, source: LabelledData, tuned, cfg: FinetuneConfig, out: Path, cache: Path,
             meta: dict, fidelity_from: Path | None = None) -> dict:
-    """Steps 3-4: fit the ESM of fine-tuned encoder ``tuned`` (on source texts and reference
-    texts), write it with ``meta`` and the fidelity embeddings to ``out`` (copied from
-    ``fidelity_from`` when that encoder's are there already); returns timings."""
-    data, _ = common.load_task(tid, cache)
-    source = common.subset(data, common.split(tid, len(data))[0])
+    """Steps 3-4: fit the ESM of fine-tuned encoder ``tuned`` (on the task's ``source`` rows and
+    the reference texts), write it with ``meta`` and the fidelity embeddings to ``out`` (copied
+    from ``fidelity_from`` when that encoder's are there already); returns timings."""
     t1 = time.perf_counter()
     fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
     fit_texts = [source.texts[i] for i in fit_idx]
@@ -120,7 +122,7 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
     shutil.rmtree(models, ignore_errors=True)
     tuned.save_pretrained(models, safe_serialization=True)
     steps = planned_steps(len(source), cfg)
-    record = fit_one(embedder, tid, tuned, cfg, out, cache, {
+    record = fit_one(embedder, source, tuned, cfg, out, cache, {
         "task_id": tid, "title": meta["name"], "language": meta["language"], "task_type": "classification",
         "label_names": meta["label_names"], "num_examples": len(source), "held_out_target_rows": len(tgt_idx),
         "provenance": f"{meta['source_package']}:{meta['source_path']}", "licence": meta["licence"],
@@ -144,7 +146,9 @@ def refit_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
     keep = {k: v for k, v in old.items() if k not in ("fit", "fit_texts", "fit_seconds", "fidelity_seconds",
                                                         DOMAIN_KEY)}
     t0 = time.perf_counter()
-    record = fit_one(embedder, tid, AutoModel.from_pretrained(cache / "models" / tid), cfg, out, cache, keep,
+    data, _ = common.load_task(tid, cache)
+    source = common.subset(data, common.split(tid, len(data))[0])
+    record = fit_one(embedder, source, AutoModel.from_pretrained(cache / "models" / tid), cfg, out, cache, keep,
                      fidelity_from=cache / "pool" / tid / "fidelity.npz")
     return {"task": tid, "refit": True, **record, "total_s": round(time.perf_counter() - t0, 1)}
 

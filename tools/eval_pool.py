@@ -91,9 +91,10 @@ def main() -> None:
         x = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt])
         y = dense(data.labels[tgt])
         ranking = index.rank_embeddings(x, y, "classification", top=len(index))
-        alone = {m: position(index.rank_embeddings(x, y, "classification", top=len(index), method=m), tid)
-                 for m in ("esm-logme", "domain")}
-        parts = index.rank_embeddings(x, y, "classification", top=len(index), method="esm-logme").results
+        by_method = {m: index.rank_embeddings(x, y, "classification", top=len(index), method=m)
+                     for m in ("esm-logme", "domain")}
+        alone = {m: position(r, tid) for m, r in by_method.items()}
+        parts = by_method["esm-logme"].results  # each source's ESM-LogME and domain similarity
         names = np.asarray([name_to_task.get(r.source, r.source) for r in parts])
         for wt in weights:
             combined = combine([r.esm_logme for r in parts],
