@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -47,6 +48,12 @@ class FinetuneConfig:
     max_length: int | None = None  # fine-tuning truncation; None: the embedding spec's
     seed: int = 0
 
+
+# Other kinds of text every map is fitted on besides its source's (esm_from_models): the
+# index's reference texts plus 100 source rows of each shipped task, none a held-out row
+# (tools/build_pool.py --write-fit-texts). Maps fitted on many kinds of text follow the
+# fine-tuned models on unseen kinds far better (BENCHMARKS.md §4, "what a better fit buys").
+FIT_TEXTS = Path(__file__).with_name("fit_texts.txt")
 
 # The recipe the shipped pool was built with on a CPU (tools/build_pool.py): 100 AdamW steps
 # of 32 examples at lr 5e-5 and 64 tokens (at most 10 passes over a small task); the ESM is
@@ -141,9 +148,9 @@ def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bo
                     other_base: np.ndarray | None = None) -> ESM:
     """Embed ``texts`` with the base and the fine-tuned encoder; fit the map between them.
 
-    ``other_texts`` (other kinds of text: the index's reference texts) are fitted on too. A
+    ``other_texts`` (other kinds of text: ``FIT_TEXTS``) are fitted on too. A
     map fitted on the source's texts alone is used on every target's texts, and off its own
-    domain it can be worse than no map at all; a few hundred texts of other kinds keep it
+    domain it can be worse than no map at all; a few thousand texts of other kinds keep it
     honest there (BENCHMARKS.md §4, fidelity). The source's domain vector (domain.py) is the
     mean base embedding of ``texts`` alone. ``base`` and ``other_base``: their base
     embeddings, when the caller has them (a pool build reuses one set for every source)."""

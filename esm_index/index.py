@@ -32,7 +32,7 @@ from .embed import (DEFAULT_MODEL_NAME, Embedder, EmbeddingSpec, cached_embeddin
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
-from .finetune import FinetuneConfig, finetune_and_fit
+from .finetune import FIT_TEXTS, FinetuneConfig, finetune_and_fit
 from .prefilter import Prefilter, PrefilterFiles
 from .results import Query, Ranking  # apart, so client.py builds them without numpy
 from .store import NewSource, Store
@@ -208,8 +208,8 @@ class SourceIndex:
         embedder = self.embedder
         log.info("fine-tuning the base model on %d examples of %s (at most %d, %d epochs), then fitting its ESM; "
                  "minutes on a CPU", len(data), name, config.max_examples, config.epochs)
-        # fitted on the reference texts too, as the shipped pool's maps are (finetune.esm_from_models)
-        other = REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
+        # fitted on other kinds of text too, as the shipped pool's maps are (finetune.esm_from_models)
+        other = FIT_TEXTS.read_text(encoding="utf-8").splitlines()
         esm = finetune_and_fit(embedder, data, config, progress=progress, other_texts=other)[0]
         esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
         if replace:  # only now that the new map exists

@@ -2,11 +2,13 @@
 """Fine-tune the base model on every prepared task and fit its ESM (the long job).
 
 For each task written by ``tools/prepare_tasks.py``:
-  1. split it (``common.split``) into source rows and held-out target rows;
+  1. split it (``common.split``) into source rows and held-out target rows (a twin task's
+     target rows are kept out of its source rows too: ``common.source_rows``);
   2. fine-tune the packaged all-MiniLM-L6-v2 on the source rows with a fixed budget of
      optimizer steps (``--steps``; the paper's AdamW recipe otherwise);
-  3. fit the ESM on up to ``--fit-examples`` source rows and the index's reference texts
-     (less any held-out row) at the index's 128 tokens;
+  3. fit the ESM on up to ``--fit-examples`` source rows and the packaged fit texts
+     (``esm_index/fit_texts.txt``: every kind of text in the pool; less any held-out row)
+     at the index's 128 tokens;
   4. embed the held-out rows of ``common.FIDELITY_TARGETS`` with the fine-tuned encoder
      (LogME on these real embeddings is what ESM-LogME imitates: tools/eval_pool.py);
   5. keep the fine-tuned encoder (CACHE/models/<task>, safetensors) for the transfer ground
@@ -66,29 +68,54 @@ def claim(folder: Path) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def reference_texts(cache: Path) -> list[str]:
-    """The index's reference texts (a mix of every kind of text in the pool) that no task holds
-    out as a target row: each map is fitted on its source's texts and these. Computed once per
-    process (it reads every task)."""
-    from esm_index.index import REFERENCE_TEXTS
-
+def held_out_texts(cache: Path) -> set[str]:
+    """Every task's held-out target rows: no map is ever fitted on one."""
     held_out = set()
     for tid in common.task_ids(cache):
         data, _ = common.load_task(tid, cache)
         held_out.update(data.texts[i] for i in common.split(tid, len(data))[1])
-    return [t for t in REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines() if t not in held_out]
+    return held_out
+
+
+def write_fit_texts(cache: Path, per_task: int, max_chars: int = 1000) -> int:
+    """Write the packaged ``esm_index/fit_texts.txt``: the index's reference texts plus
+    ``per_task`` source rows of every task (seeded; never any task's held-out row), each on
+    one line and cut to ``max_chars`` (far past the 128 tokens embedded). Returns the count."""
+    from esm_index.finetune import FIT_TEXTS
+    from esm_index.index import REFERENCE_TEXTS
+
+    held_out = held_out_texts(cache)
+    texts = REFERENCE_TEXTS.read_text(encoding="utf-8").splitlines()
+    for tid in common.task_ids(cache):
+        data, _ = common.load_task(tid, cache)
+        rows = np.random.default_rng(7).permutation(common.split(tid, len(data))[0])
+        texts += [data.texts[i] for i in rows if data.texts[i] not in held_out][:per_task]
+    one_line = (" ".join(t.split())[:max_chars] for t in texts if t not in held_out)
+    kept = list(dict.fromkeys(t for t in one_line if t))
+    FIT_TEXTS.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return len(kept)
+
+
+@functools.lru_cache(maxsize=None)
+def other_texts(cache: Path) -> list[str]:
+    """The other kinds of text every map is fitted on besides its source's (the packaged
+    ``fit_texts.txt``, which ``esm-index add`` uses too), less any task's held-out row.
+    Computed once per process (it reads every task)."""
+    from esm_index.finetune import FIT_TEXTS
+
+    held_out = held_out_texts(cache)
+    return [t for t in FIT_TEXTS.read_text(encoding="utf-8").splitlines() if t not in held_out]
 
 
 def fit_one(embedder: Embedder, source: LabelledData, tuned, cfg: FinetuneConfig, out: Path, cache: Path,
             meta: dict, fidelity_from: Path | None = None) -> dict:
     """Steps 3-4: fit the ESM of fine-tuned encoder ``tuned`` (on the task's ``source`` rows and
-    the reference texts), write it with ``meta`` and the fidelity embeddings to ``out`` (copied
+    the packaged fit texts), write it with ``meta`` and the fidelity embeddings to ``out`` (copied
     from ``fidelity_from`` when that encoder's are there already); returns timings."""
     t1 = time.perf_counter()
     fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
     fit_texts = [source.texts[i] for i in fit_idx]
-    other = reference_texts(cache)
+    other = other_texts(cache)
     esm = esm_from_models(embedder, tuned, fit_texts, other_texts=other,
                           base=common.base_embeddings(embedder, fit_texts, cache),
                           other_base=common.base_embeddings(embedder, other, cache))
@@ -113,8 +140,8 @@ def fit_one(embedder: Embedder, source: LabelledData, tuned, cfg: FinetuneConfig
 def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cache: Path) -> dict:
     """Steps 1-5 above for one task; returns its build record."""
     data, meta = common.load_task(tid, cache)
-    src_idx, tgt_idx = common.split(tid, len(data))
-    source = common.subset(data, src_idx)
+    tgt_idx = common.split(tid, len(data))[1]
+    source = common.subset(data, common.source_rows(tid, data, cache))
     t0 = time.perf_counter()
     tuned = finetune(embedder, source, cfg)
     t1 = time.perf_counter()
@@ -147,7 +174,7 @@ def refit_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
                                                         DOMAIN_KEY)}
     t0 = time.perf_counter()
     data, _ = common.load_task(tid, cache)
-    source = common.subset(data, common.split(tid, len(data))[0])
+    source = common.subset(data, common.source_rows(tid, data, cache))
     record = fit_one(embedder, source, AutoModel.from_pretrained(cache / "models" / tid), cfg, out, cache, keep,
                      fidelity_from=cache / "pool" / tid / "fidelity.npz")
     return {"task": tid, "refit": True, **record, "total_s": round(time.perf_counter() - t0, 1)}
@@ -168,7 +195,12 @@ def main() -> None:
     ap.add_argument("--refit", action="store_true",
                     help="refit every built task's ESM from its kept encoder (CACHE/models), no fine-tuning")
     ap.add_argument("--out", type=Path, default=None, help="where the ESM folders go (default CACHE/pool)")
+    ap.add_argument("--write-fit-texts", type=int, default=None, metavar="PER_TASK",
+                    help="only write esm_index/fit_texts.txt (reference texts + PER_TASK source rows of each task)")
     args = ap.parse_args()
+    if args.write_fit_texts is not None:
+        print(f"{write_fit_texts(args.cache, args.write_fit_texts)} texts written")
+        return
 
     import torch
     if args.threads:
