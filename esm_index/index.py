@@ -250,11 +250,11 @@ class SourceIndex:
         if not force and out.is_dir() and any(out.iterdir()):
             raise InvalidArgumentError(f"{out}: the folder is not empty (force=True, or --force, writes into it)")
         count = 0
-        for sid, meta in self.store.iter_meta():
-            _, w, b = self.store.esms([sid])
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in meta["name"])
-            ESM(w[0], b[0], {k: v for k, v in meta.items() if k != "name"}).save(out / safe)
-            count += 1
+        for _, weights, biases, metas in self.store.iter_esms(metas=True):  # a batch in memory at a time
+            for w, b, meta in zip(weights, biases, metas):
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in meta["name"])
+                ESM(w, b, {k: v for k, v in meta.items() if k != "name"}).save(out / safe)
+                count += 1
         return count
 
     # ---- the prefilter (its lifecycle: prefilter.PrefilterFiles) -----------------------------
