@@ -27,6 +27,7 @@ import json
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -87,9 +88,9 @@ def _acquire(path: Path, create: bool):
             env = lmdb.open(key, map_size=MAP_SIZE, max_dbs=len(DBS), readonly=readonly, lock=not readonly,
                             create=create, readahead=False)
             dbs = {}
-            for name in DBS:  # a read-only index made before summary_b existed does not have it
+            for name in DBS:  # summary_b is made by the first reprobe (Store._table), not here
                 try:
-                    dbs[name.decode()] = env.open_db(name, create=not readonly)
+                    dbs[name.decode()] = env.open_db(name, create=not readonly and name != b"summary_b")
                 except lmdb.NotFoundError:
                     pass
             _OPEN[key] = [env, dbs, 0]
@@ -124,10 +125,40 @@ class Store:
         self._manifest: dict | None = None
         self._data_file = (self.path / "data.mdb").resolve()
 
-    def _summary_db(self, txn):
-        """The current summary table, as of ``txn`` (a staged reprobe switches it)."""
-        name = txn.get(b"summary_table", db=self.db["info"])
-        return self.db[SUMMARY_TABLES[0] if name is None else name.decode()]
+    @contextmanager
+    def _begin(self, write: bool = False, buffers: bool = False):
+        """A transaction and the handle of the summary table current in it (a staged reprobe
+        switches tables). LMDB gives a transaction only the tables opened before it began: if
+        another process's first reprobe has made the table since, it is opened and the
+        transaction begun again."""
+        while True:
+            txn = self.env.begin(write=write, buffers=buffers)
+            raw = txn.get(b"summary_table", db=self.db["info"])
+            name = SUMMARY_TABLES[0] if raw is None else bytes(raw).decode()
+            if name in self.db:
+                break
+            txn.abort()
+            self._table(name)
+        with txn:
+            yield txn, self.db[name]
+
+    def _table(self, name: str, create: bool = False):
+        """The handle of table ``name``. summary_b does not exist until a reprobe first stages
+        into it (``create``: opening an index writes nothing into it); a process that opened
+        the index before another one made it opens it here, before the transactions that use
+        it begin, in a write transaction (py-lmdb keeps a handle opened in a read one for that
+        transaction only; opening an existing table writes nothing)."""
+        if name not in self.db:
+            import lmdb
+
+            with _OPEN_LOCK:
+                if name not in self.db:  # self.db is shared by every Store of this file in the process
+                    try:
+                        with self.env.begin(write=create or not self.env.flags()["readonly"]) as txn:
+                            self.db[name] = self.env.open_db(name.encode(), txn=txn, create=create)
+                    except lmdb.Error as exc:
+                        raise IndexStoreError(f"{self.path}: cannot open the table {name} ({exc})") from None
+        return self.db[name]
 
     def _drop_pages(self) -> None:
         drop_read_pages(self._data_file)
@@ -166,10 +197,9 @@ class Store:
         """Fill the summary table that is not current with ``summarize(W, b)`` of every
         source, ``chunk`` per transaction in id order. Returns (that table, the generation
         it was staged from), for ``switch_summaries``."""
-        with self.env.begin() as txn:
-            current = self._summary_db(txn)
+        with self._begin() as (txn, current):
             generation = _id(txn.get(b"generation", db=self.db["info"]))
-        name = next(t for t in SUMMARY_TABLES if self.db[t] is not current)
+        name = next(t for t in SUMMARY_TABLES if self._table(t, create=True) is not current)
         self._clear(self.db[name], chunk)  # what an interrupted reprobe left
         after = None
         while True:
@@ -193,8 +223,7 @@ class Store:
         then empty the old one. Sources another writer added or removed since staging
         (the generation moved) are summarised or dropped in that transaction."""
         name, generation = staged
-        with self.env.begin(write=True) as txn:
-            old = self._summary_db(txn)
+        with self._begin(write=True) as (txn, old):
             if old is self.db[name]:
                 raise IndexStoreError(f"{self.path.parent}: the staged summaries are current already")
             if _id(txn.get(b"generation", db=self.db["info"])) != generation:
@@ -299,9 +328,8 @@ class Store:
         """Add sources in one transaction; a name already present is skipped (None), which
         makes a re-run of an interrupted import resume instead of duplicating."""
         ids: list[int | None] = []
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as (txn, summaries):
             next_id = _id(txn.get(b"next_id", db=self.db["info"]))
-            summaries = self._summary_db(txn)
             for src in sources:
                 name = src.name.encode()
                 if txn.get(name, db=self.db["names"]) is not None:
@@ -321,13 +349,13 @@ class Store:
     def remove(self, names: Iterable[str]) -> list[str]:
         """Remove sources by name; returns the names that were not there."""
         missing = []
-        with self.env.begin(write=True) as txn:
+        with self._begin(write=True) as (txn, summaries):
             for name in names:
                 key = txn.pop(name.encode(), db=self.db["names"])
                 if key is None:
                     missing.append(name)
                     continue
-                for db in (self.db["meta"], self.db["esm"], self._summary_db(txn)):
+                for db in (self.db["meta"], self.db["esm"], summaries):
                     txn.delete(key, db=db)
             self._bump(txn)
         return missing
@@ -413,8 +441,7 @@ class Store:
     def summaries(self, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, summary vectors) for the given ids (default: all), skipping missing ones."""
         found, vecs = [], []
-        with self.env.begin() as txn:
-            table = self._summary_db(txn)
+        with self._begin() as (txn, table):
             if ids is None:
                 for k, v in txn.cursor(db=table):
                     found.append(_id(k))
@@ -431,9 +458,9 @@ class Store:
     def iter_summaries(self, batch: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All (ids, summary vectors) in chunks of ``batch``, one read transaction: a pass
         over a large pool without holding every summary in memory."""
-        with self.env.begin() as txn:
+        with self._begin() as (txn, table):
             ids, vecs = [], []
-            for k, v in txn.cursor(db=self._summary_db(txn)):
+            for k, v in txn.cursor(db=table):
                 ids.append(_id(k))
                 vecs.append(np.frombuffer(v, "<f4"))
                 if len(ids) == batch:
@@ -449,9 +476,9 @@ class Store:
         One streamed pass: the ids are compared as sorted int64 arrays (8 bytes a source)."""
         problems = []
         width = self.manifest["summary_dim"]
-        with self.env.begin() as txn:
+        with self._begin() as (txn, summaries):
             named = np.unique(np.fromiter((_id(v) for _, v in txn.cursor(db=self.db["names"])), np.int64))
-            tables = {"meta": self.db["meta"], "esm": self.db["esm"], "summary": self._summary_db(txn)}
+            tables = {"meta": self.db["meta"], "esm": self.db["esm"], "summary": summaries}
             for name, table in tables.items():
                 ks = np.fromiter((_id(k) for k in txn.cursor(db=table).iternext(values=False)), np.int64)
                 if not np.array_equal(ks, named):

@@ -2,12 +2,15 @@
 pool in batches and ranks as one batch would, and a reprobe is staged, so that an
 interrupted one leaves the old summaries current."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import esm_index.store as store_module
-from conftest import random_esms, read_sample
+from conftest import REPO, random_esms, read_sample
 from esm_index.domain import DOMAIN_KEY, combine, similarities
 from esm_index.index import SourceIndex
 from esm_index.logme import TargetStats, score_esms
@@ -134,3 +137,29 @@ def test_sources_added_or_removed_while_staging_are_reconciled(index):
     _, w, b = index.store.esms(ids)
     np.testing.assert_allclose(got, fresh(w, b), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(index.store.probe(), probe)
+
+
+REPROBER = """
+import sys
+sys.path.insert(0, {repo!r})
+from esm_index.store import Store
+from esm_index.summary import summarize
+store = Store({folder!r})
+probe = store.probe() * 0.5
+store.reprobe(probe, lambda w, b: summarize(w, b, probe), {{}}, chunk=7)
+"""
+
+
+def test_a_reader_open_before_another_process_reprobes_reads_the_new_table(index):
+    """Opening an index makes no table (it writes nothing); the second summary table made
+    by another process's reprobe is opened when the switch points at it."""
+    _fill(index, 20)  # fewer than 8 at creation: no reprobe yet
+    store = index.store
+    assert "summary_b" not in store.db
+    generation = store.generation()
+    subprocess.run([sys.executable, "-c", REPROBER.format(repo=str(REPO), folder=str(index.folder))], check=True)
+    ids, got = store.summaries()
+    assert "summary_b" in store.db and store.generation() == generation + 1 and len(ids) == 20
+    _, w, b = store.esms(ids)
+    np.testing.assert_allclose(got, summarize(w, b, store.probe()), rtol=1e-5, atol=1e-6)
+    assert store.check() == [] and _table_rows(store, "summary") == 0
