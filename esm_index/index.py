@@ -29,6 +29,7 @@ from .data import LabelledData
 from .domain import DOMAIN_KEY
 from .embed import (DEFAULT_MODEL_NAME, Embedder, EmbeddingSpec, cached_embeddings, checked_device, identify_model,
                     index_model_folder, resolve_model)
+from .encoding import get_encoding
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
@@ -74,13 +75,13 @@ class SourceIndex:
                spec: EmbeddingSpec | None = None, esm_dtype: str = "float16", probe_dim: int = DEFAULT_PROBE_DIM,
                reference_texts: Sequence[str] | None = None, device: str | None = None,
                batch_size: int = 64) -> "SourceIndex":
-        """Make a new, empty index for one base model and pooling. The prefilter's probe is
+        """Make a new, empty index for one base model and pooling, storing ESMs in the
+        encoding ``esm_dtype`` (float16, float32 or float16-factor: encoding.py). The prefilter's probe is
         computed here from reference texts embedded with that model. ``model_path``: a model
         folder or a hub name in the local cache (default: the packaged MiniLM). Without a
         ``spec.model_name``, the model is identified (``embed.identify_model``), so that ESMs
         made for it by its hub name fit; the folder's name is the fallback."""
-        if esm_dtype not in ("float16", "float32"):
-            raise InvalidArgumentError(f"esm_dtype must be float16 or float32, not {esm_dtype!r}")
+        get_encoding(esm_dtype)  # an unknown encoding is refused before the model loads
         folder = Path(folder)
         if (folder / "store.lmdb").exists():
             raise IndexStoreError(f"{folder}: an index exists there already")
