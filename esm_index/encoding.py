@@ -18,7 +18,7 @@ map is the rotation R, not W: the same scores and rankings, other output coordin
 Chosen by measurement (tools/bench/bench_encoding.py, BENCHMARKS.md §10): on the shipped
 pool's real maps and real targets, R - I in float16 moves a score by about as much as plain
 float16 does and kept every target's exact top-5, while the int8 and int4 candidates (of
-W - I, of R - I, of the SVD factor) and low-rank W - I moved scores 20-500 times more and
+W - I, of R - I, of the SVD factor) and low-rank W - I moved scores 18-630 times more and
 reordered some top-5s.
 
 Byte layouts are little-endian and fixed by (D, d), so a wrong length is always noticed.
@@ -32,6 +32,7 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import IndexStoreError, InvalidArgumentError, InvalidESMError
+from .logme import one_blas_thread
 
 DEFAULT_ENCODING = "float16"
 
@@ -92,12 +93,13 @@ class FactorEncoding:
         aug = np.hstack([np.asarray(weight, np.float64), np.asarray(bias, np.float64)[:, None]])
         if not _finite(aug):
             raise InvalidESMError("ESM weights contain NaN or infinity")
-        r = np.linalg.qr(aug, mode="r")  # (min(D, d+1), d+1)
-        diag = np.diagonal(r)
-        r = r * np.where(diag < 0, -1.0, 1.0)[:, None]
-        rows, cols = _triangle(*weight.shape)
+        with one_blas_thread():  # threaded BLAS on one small QR is many times slower on a busy machine
+            r = np.linalg.qr(aug, mode="r")  # (min(D, d+1), d+1)
+        r *= np.where(np.diagonal(r) < 0, -1.0, 1.0)[:, None]
+        flat, diagonal = _triangle(*weight.shape)
         with np.errstate(over="ignore"):
-            values = (r[rows, cols] - (rows == cols)).astype("<f2")
+            values = r.reshape(-1)[flat].astype("<f2")  # r has d+1 columns, as the decoded R
+            values[diagonal] = (r.reshape(-1)[flat[diagonal]] - 1.0).astype("<f2")
         if not _finite(values):
             raise InvalidESMError("ESM weights do not fit in float16 (overflow)")
         return values.tobytes()
@@ -105,10 +107,10 @@ class FactorEncoding:
     def decode(self, raw: bytes, out_dim: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(W, b) in float32, new arrays: R with its zero rows, split into W and b."""
         _check_size(raw, self.nbytes(out_dim, dim))
-        rows, cols = _triangle(out_dim, dim)
+        flat, diagonal = _triangle(out_dim, dim)
         r = np.zeros((out_dim, dim + 1), np.float32)
-        r[rows, cols] = np.frombuffer(raw, "<f2")
-        r[np.diag_indices(len(np.diagonal(r)))] += 1.0
+        r.reshape(-1)[flat] = np.frombuffer(raw, "<f2")
+        r.reshape(-1)[flat[diagonal]] += 1.0
         return r[:, :dim], r[:, dim].copy()
 
 
@@ -131,8 +133,10 @@ def get_encoding(name: str) -> Encoding:
 
 @lru_cache(maxsize=8)
 def _triangle(out_dim: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the stored entries of R (min(D, d+1) x (d+1)), row by row."""
-    return np.triu_indices(min(out_dim, dim + 1), 0, dim + 1)
+    """Where R's stored entries are: flat positions in a row-major (out_dim, d+1) array of the
+    upper triangle of its first min(D, d+1) rows, row by row, and which of them are diagonal."""
+    rows, cols = np.triu_indices(min(out_dim, dim + 1), 0, dim + 1)
+    return rows * (dim + 1) + cols, np.flatnonzero(rows == cols)
 
 
 def _check_size(raw: bytes, expected: int) -> None:

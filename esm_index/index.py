@@ -34,6 +34,7 @@ from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, Model
                      SourceExistsError)
 from .esm import ESM
 from .finetune import FinetuneConfig, finetune_and_fit
+from .logme import one_blas_thread
 from .prefilter import Prefilter, PrefilterFiles
 from .results import Query, Ranking  # apart, so client.py builds them without numpy
 from .store import NewSource, Store
@@ -170,8 +171,9 @@ class SourceIndex:
                 return
             summaries = summarize(np.stack([e.weight for _, e in batch]), np.stack([e.bias for _, e in batch]), self.probe)
             meta = [_source_meta(e) for _, e in batch]
-            ids = self.store.add(NewSource(n, e.weight, e.bias, m, s)
-                                 for (n, e), m, s in zip(batch, meta, summaries))
+            with one_blas_thread():  # one limiter for a batch, not one per map the encoding factors
+                ids = self.store.add(NewSource(n, e.weight, e.bias, m, s)
+                                     for (n, e), m, s in zip(batch, meta, summaries))
             added += sum(i is not None for i in ids)
             skipped += sum(i is None for i in ids)
             if on_batch:
