@@ -103,7 +103,9 @@ def _command_seconds() -> float:
 @click.option("--pooling", type=click.Choice(["mean", "cls", "pooler"]), default="mean", show_default=True)
 @click.option("--normalize/--no-normalize", default=False, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32", "float16-factor"]), default="float16",
+              show_default=True, help="How ESMs are stored: float16-factor is half the size of float16, "
+                                      "the same scores, a rotated map (README, Storage).")
 @click.option("--probe-dim", type=int, default=128, show_default=True,
               help="Prefilter summary size k (k(k+1)/2 floats; capped at d+1).")
 @model_options

@@ -5,7 +5,7 @@ Named databases inside ``<index>/store.lmdb``:
     info     manifest (JSON), probe and reference directions (float32 bytes), next_id, generation
     names    source name (utf-8)       -> id (8-byte big-endian)
     meta     id -> JSON metadata
-    esm      id -> W then b, raw little-endian float16/float32 bytes (never pickled)
+    esm      id -> W and b in the index's encoding (encoding.py: float16, float32 or float16-factor; never pickled)
     summary  id -> float32 summary vector (see prefilter.py)
     summary_b    the other summary table: ``info`` key ``summary_table`` names the current one
                  (absent: "summary"); a reprobe stages the new summaries in the other
@@ -36,7 +36,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .errors import IndexStoreError, InvalidESMError
+from .encoding import DEFAULT_ENCODING, Encoding, get_encoding
+from .errors import IndexStoreError, InvalidArgumentError
 from .pages import drop_read_pages
 
 SCHEMA_VERSION = 1
@@ -303,26 +304,25 @@ class Store:
 
     # ---- writes --------------------------------------------------------------------------
     @property
-    def esm_dtype(self) -> np.dtype:
-        return np.dtype("<f2" if self.manifest.get("esm_dtype", "float16") == "float16" else "<f4")
+    def encoding(self) -> Encoding:
+        """How this index writes an ESM's bytes (encoding.py); the manifest's ``esm_dtype``,
+        float16 when absent."""
+        try:
+            return get_encoding(self.manifest.get("esm_dtype", DEFAULT_ENCODING))
+        except InvalidArgumentError as exc:  # a manifest, not an option: the index is the problem
+            raise IndexStoreError(f"{self.path.parent}: {exc} (made by a newer esm-index?)") from None
 
-    # ---- the ESM byte format: W (D x d, row-major) then b, little-endian, in esm_dtype --------
+    # ---- the ESM byte format: the index's encoding (encoding.py) ----------------------------
     def _encode_esm(self, weight: np.ndarray, bias: np.ndarray) -> bytes:
-        with np.errstate(over="ignore"):
-            w = np.ascontiguousarray(weight, self.esm_dtype)
-            b = np.ascontiguousarray(bias, self.esm_dtype)
-        if not (np.isfinite(w).all() and np.isfinite(b).all()):
-            raise InvalidESMError(f"ESM weights do not fit in {self.esm_dtype.name} (overflow)")
-        return w.tobytes() + b.tobytes()
+        return self.encoding.encode(weight, bias)
 
     def _decode_esm(self, raw: bytes, source: int) -> tuple[np.ndarray, np.ndarray]:
-        """(W (D, d), b (D,)) in the stored dtype, views of ``raw``; a wrong size is an
-        ``IndexStoreError`` naming the source."""
-        dim, out_dim = self.manifest["dim"], self.manifest["out_dim"]
-        arr, n_w = np.frombuffer(raw, self.esm_dtype), out_dim * dim
-        if arr.size != n_w + out_dim:
-            raise IndexStoreError(f"source {source}: stored ESM has {arr.size} values, expected {n_w + out_dim}")
-        return arr[:n_w].reshape(out_dim, dim), arr[n_w:]
+        """(W (D, d), b (D,)) as the encoding gives them (float16 views of ``raw`` for float16,
+        cast by the caller); a wrong size is an ``IndexStoreError`` naming the source."""
+        try:
+            return self.encoding.decode(raw, self.manifest["out_dim"], self.manifest["dim"])
+        except IndexStoreError as exc:
+            raise IndexStoreError(f"source {source}: {exc}") from None
 
     def add(self, sources: Iterable[NewSource]) -> list[int | None]:
         """Add sources in one transaction; a name already present is skipped (None), which
