@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,35 +62,55 @@ class Shortlist:
 def run(index, x, labels, task: str, query: Query) -> Ranking:
     """Rank ``index``'s sources for a target given as base-model embeddings (n, d)."""
     with one_blas_thread():
-        timer = Timer()
         x, labels, about, warnings = check_input(index.manifest["dim"], x, labels, task, query)
-        target = target_statistics(x, labels, task, index.device)
-        allowed, pool_size = allowed_ids(index.store, query.filters)
-        if query.exact or query.shortlist is None or query.shortlist >= pool_size:
-            found = Shortlist(*index.store.esms(index.store.ids() if allowed is None else allowed))
-        else:
-            prefilter, probe = index.prefilter(), index.probe
-            stages, view = plan(pool_size), TargetView(target)
-            candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
-            faiss_k, approximate_k, refining_k = stages.directions
-            timer.lap("prepare")
-            found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
-            timer.lap("faiss")
-            found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
-            timer.lap("approximate")
-            found = refining_stage(index.store, found, view, query.shortlist, refining_k)
-            if found.stage_scores["refining"]:
-                timer.lap("refining")
-            if query.method != "esm-logme":
-                found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
-        timer.lap("load")
-        logme = exact_stage(target, found)
-        timer.lap("exact")
-        metas = index.store.metas(found.ids)
-        domain = similarities(x, metas)
-        method, scores = combine(logme, domain, query.method)
-        return Ranking(results(found, metas, scores, logme, domain, query.top), pool_size=pool_size,
-                       timings=timer.timings, target=about, warnings=warnings, method=method)
+        scored = score(index, x, labels, task, query)
+        method, scores = combine(scored.logme, scored.domain, query.method)
+        return Ranking(results(scored.found, scored.metas, scores, scored.logme, scored.domain, query.top),
+                       pool_size=scored.pool_size, timings=scored.timings, target=about, warnings=warnings,
+                       method=method)
+
+
+class Scored(NamedTuple):
+    """The sources a query scored exactly, before ``combine`` orders them."""
+
+    found: Shortlist
+    metas: list[dict]
+    logme: np.ndarray
+    domain: np.ndarray  # NaN where a source has no domain vector
+    pool_size: int
+    timings: dict[str, float]
+
+
+def score(index, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> Scored:
+    """Every step before ``combine``, on a checked target. Apart from ``run`` because a
+    sharded index (shards.py) runs it on each shard and combines over the union of the
+    shards' sources ("combined" standardises over every source scored)."""
+    timer = Timer()
+    target = target_statistics(x, labels, task, index.device)
+    allowed, pool_size = allowed_ids(index.store, query.filters)
+    if query.exact or query.shortlist is None or query.shortlist >= pool_size:
+        found = Shortlist(*index.store.esms(index.store.ids() if allowed is None else allowed))
+    else:
+        prefilter, probe = index.prefilter(), index.probe
+        stages, view = plan(pool_size), TargetView(target)
+        candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
+        faiss_k, approximate_k, refining_k = stages.directions
+        timer.lap("prepare")
+        found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
+        timer.lap("faiss")
+        found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
+        timer.lap("approximate")
+        found = refining_stage(index.store, found, view, query.shortlist, refining_k)
+        if found.stage_scores["refining"]:
+            timer.lap("refining")
+        if query.method != "esm-logme":
+            found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
+    timer.lap("load")
+    logme = exact_stage(target, found)
+    timer.lap("exact")
+    metas = index.store.metas(found.ids)
+    domain = similarities(x, metas)
+    return Scored(found, metas, logme, domain, pool_size, timer.timings)
 
 
 def check_input(dim: int, x, labels, task: str, query: Query):
