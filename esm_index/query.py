@@ -1,4 +1,5 @@
-"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``):
+"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``; a
+sharded index runs ``score``, every step before ``combine``, on each shard, shard_query.py):
 
     check_input -> target_statistics -> allowed_ids
         -> faiss_stage -> approximate_stage -> refining_stage -> nearest_domains   (the prefilter)

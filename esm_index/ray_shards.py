@@ -2,8 +2,8 @@
 
 Each actor opens its shards read-only where it runs and keeps them open, with their FAISS
 files, LMDB maps and compiled kernels warm, for every later query. A query sends the target's
-base embeddings and labels once (``ray.put``), each actor runs ``shards.score_shard`` on its
-shards one after another, and the driver merges what they send back (``shards.merge``).
+base embeddings and labels once (``ray.put``), each actor runs ``shard_query.score_shard`` on its
+shards one after another, and the driver merges what they send back (``shard_query.merge``).
 
 Ray is optional (``pip install 'esm-index[ray]'``): a sharded index with ``workers=0`` runs
 the same ``score_shard`` in the driver's process. On a cluster, every node that runs an
@@ -24,6 +24,18 @@ from .errors import EsmIndexError, IndexStoreError, InvalidArgumentError
 from .results import Query
 
 
+def kernel_threads(threads: int) -> None:
+    """Threads for this process's numba, FAISS and torch kernels (as server.py sets them per
+    query thread: on a busy machine, OpenMP teams larger than the free cores stall)."""
+    import faiss
+    import numba
+    import torch
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+
+
 class ShardWorker:
     """The actor's class: opens ``folders`` read-only and scores them for each query.
     ``threads``: numba / FAISS / torch threads for its kernels (Ray starts workers with one
@@ -33,17 +45,11 @@ class ShardWorker:
         from .index import SourceIndex
 
         if threads:
-            import faiss
-            import numba
-            import torch
-
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            faiss.omp_set_num_threads(threads)
-            torch.set_num_threads(threads)
+            kernel_threads(threads)
         self.shards = [SourceIndex(f, readonly=True, device=device) for f in folders]
 
     def score(self, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> list:
-        from .shards import score_shard
+        from .shard_query import score_shard
 
         return [score_shard(shard, x, labels, task, query) for shard in self.shards]
 
@@ -53,12 +59,13 @@ class ShardWorker:
 
 
 class RayShards:
-    """``workers`` actors over the shard folders (actor i holds shards i, i + workers, ...).
-    Joins the Ray instance this process already started, else the cluster at ``address``,
+    """``workers`` actors over the shard folders (actor i holds shards i, i + workers, ...),
+    each running its kernels on ``threads`` threads (None: this machine's cores divided among
+    the actors when Ray is local; on a cluster, what each node's process has). Joins the Ray instance this process already started, else the cluster at ``address``,
     else starts a local one (and shuts it down on ``close``)."""
 
     def __init__(self, folders: list[str], workers: int, address: str | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, threads: int | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -77,8 +84,8 @@ class RayShards:
                                            f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
             self._started = True
         workers = min(workers, len(folders))
-        # a local instance: the cores shared among the actors; a cluster: each node's own
-        threads = None if address else max(1, (os.cpu_count() or 1) // workers)
+        if threads is None and not address:  # a local instance: the cores shared among the actors
+            threads = max(1, (os.cpu_count() or 1) // workers)
         actor = ray.remote(ShardWorker).options(scheduling_strategy="SPREAD")
         self.actors = [actor.remote(folders[i::workers], device, threads) for i in range(workers)]
         try:

@@ -11,17 +11,13 @@ Why shards: one machine's memory, disk and cores bound one index. Each shard can
 where it lives (ray_shards.py runs one Ray actor per shard; without Ray they run here, one
 after another), and a query costs the driver only what the shards send back.
 
-A query runs every stage up to and including the exact rerank on each shard, locally
-(``query.score``: the shard's own prefilter, shortlist and nearest domains), and each shard
-sends back, per source it scored exactly, (name, ESM-LogME, domain similarity, stage
-scores, metadata). The driver then orders the union with the query's own ``combine`` and
-``results`` (query.py), so the merge is exact: "combined" standardises ESM-LogME and domain
-similarity over every source scored in every shard, as it does over one index. In exact mode
-(or whenever each shard's shortlist covers the shard) a sharded query scores the same
-sources as the unsharded one and gives the same ranking. With the prefilter, each shard
-passes its own shortlist on, so more sources are scored exactly than in one index (the
-union of the shards' shortlists), and the ranking can differ from the unsharded prefiltered
-one, never from exact mode more than each shard's prefilter misses.
+A query runs every stage up to and including the exact rerank on each shard, locally, and
+the driver orders the union of what the shards scored (shard_query.py), so the merge is
+exact. In exact mode (or whenever each shard's shortlist covers the shard) a sharded query
+scores the same sources as the unsharded one and gives the same ranking. With the
+prefilter, each shard passes its own shortlist on, so more sources are scored exactly than
+in one index (the union of the shards' shortlists), and the top can differ from the
+unsharded prefiltered query's wherever either prefilter misses a source of the exact top.
 
 A source lives in exactly one shard, chosen by a stable hash of its name (``shard_of``), so
 an add, a removal or a lookup touches one shard and a name cannot be in two.
@@ -33,7 +29,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -41,12 +36,11 @@ import numpy as np
 
 from . import query as query_path
 from .checks import check_labels, check_size
-from .domain import DOMAIN_KEY
 from .errors import IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError, SourceExistsError
 from .esm import ESM
 from .index import SourceIndex
-from .logme import one_blas_thread
 from .results import Query, Ranking
+from .shard_query import merge, score_shard
 from .store import NewSource, Store
 
 MANIFEST = "shards.json"
@@ -99,62 +93,6 @@ def check_compatible(shards: Sequence[SourceIndex]) -> None:
                                      f"{first}: every shard must share the base model, embedding and dimensions")
 
 
-# ---- one shard's part of a query, and the merge -------------------------------------------------
-@dataclass
-class ShardScores:
-    """What one shard sends back for a query: per source scored exactly, its name, ESM-LogME,
-    domain similarity (NaN: none), stage scores (NaN: not scored by that stage) and metadata
-    (without the domain vector). Plain arrays and JSON values, cheap to send."""
-
-    names: list[str]
-    logme: np.ndarray
-    domain: np.ndarray
-    stages: dict[str, np.ndarray]
-    metas: list[dict]
-    pool_size: int
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def empty(cls) -> "ShardScores":
-        return cls([], np.zeros(0), np.zeros(0), {s: np.zeros(0) for s in query_path.STAGES}, [], 0)
-
-
-def score_shard(index: SourceIndex, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> ShardScores:
-    """Run the query on one shard up to the exact rerank (``query.score``). A shard without
-    a source the filters accept sends nothing back (the driver checks the whole pool)."""
-    filters = query.filters
-    if not len(index) or (filters and not any(filters.accepts(m) for _, m in index.store.iter_meta())):
-        return ShardScores.empty()
-    with one_blas_thread():
-        scored = query_path.score(index, x, labels, task, query)
-    ids = scored.found.ids.tolist()
-    stages = {s: np.asarray([scored.found.stage_scores[s].get(i, np.nan) for i in ids], np.float64)
-              for s in query_path.STAGES}
-    metas = [{k: v for k, v in m.items() if k != DOMAIN_KEY} for m in scored.metas]
-    return ShardScores([m["name"] for m in metas], np.asarray(scored.logme, np.float64), scored.domain, stages,
-                       metas, scored.pool_size, scored.timings)
-
-
-def merge(parts: Sequence[ShardScores], query: Query, about: dict, warnings: list[str]) -> Ranking:
-    """One ranking from the shards' scores, ordered over their union by the query's method
-    with query.py's own ``combine`` and ``results`` (the sources numbered by their place
-    in the union)."""
-    names = [n for p in parts for n in p.names]
-    if len(set(names)) != len(names):
-        raise IndexStoreError("a source name is in two shards; 'esm-index verify' on the sharded index lists it")
-    logme = np.concatenate([p.logme for p in parts])
-    domain = np.concatenate([p.domain for p in parts])
-    found = query_path.Shortlist(np.arange(len(names), dtype=np.int64))
-    for stage in query_path.STAGES:
-        values = np.concatenate([p.stages[stage] for p in parts])
-        has = np.isfinite(values)
-        found.record(stage, found.ids[has], values[has])
-    method, scores = query_path.combine(logme, domain, query.method)
-    results = query_path.results(found, [m for p in parts for m in p.metas], scores, logme, domain, query.top)
-    return Ranking(results, pool_size=sum(p.pool_size for p in parts), target=about, warnings=warnings,
-                   method=method)
-
-
 # ---- the sharded index -------------------------------------------------------------------------
 class ShardedIndex:
     """A pool split into shards (see the module docstring), with ``SourceIndex``'s API.
@@ -162,11 +100,12 @@ class ShardedIndex:
     ``workers``: 0 scores the shards here, one after another; N > 0 starts N Ray actors, each
     holding every N-th shard (ray_shards.py). None: one actor per shard when ``ray_address``
     is given, else 0. ``ray_address``: a running cluster (``ray start --head`` prints it);
-    without one, N > 0 starts a local Ray instance (or joins the one this process started)."""
+    without one, N > 0 starts a local Ray instance (or joins the one this process started).
+    ``threads``: kernel threads per actor (None: the local cores divided among the actors)."""
 
     def __init__(self, folder: str | os.PathLike, readonly: bool = False, device: str | None = None,
                  model_path: str | os.PathLike | None = None, batch_size: int = 64, workers: int | None = None,
-                 ray_address: str | None = None) -> None:
+                 ray_address: str | None = None, threads: int | None = None) -> None:
         self.folder = Path(folder)
         self.readonly = readonly
         self.shards: list[SourceIndex] = []
@@ -175,7 +114,7 @@ class ShardedIndex:
         if workers is not None and workers < 0:
             raise InvalidArgumentError(f"workers must be 0 or more, not {workers}")
         self.workers = workers if workers is not None else (len(self.shard_folders) if ray_address else 0)
-        self.ray_address = ray_address
+        self.ray_address, self.threads = ray_address, threads
         try:
             for f in self.shard_folders:
                 self.shards.append(SourceIndex(f, readonly=readonly, device=device, model_path=model_path,
@@ -386,7 +325,7 @@ class ShardedIndex:
             from .ray_shards import RayShards
 
             self._actors = RayShards([str(f.resolve()) for f in self.shard_folders], self.workers,
-                                     self.ray_address, self._device)
+                                     self.ray_address, self._device, self.threads)
         return self._actors
 
 
