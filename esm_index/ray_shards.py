@@ -46,7 +46,11 @@ class ShardWorker:
 
         if threads:
             kernel_threads(threads)
-        self.shards = [SourceIndex(f, readonly=True, device=device) for f in folders]
+        self.shards, self.error = [], None
+        try:
+            self.shards = [SourceIndex(f, readonly=True, device=device) for f in folders]
+        except EsmIndexError as exc:  # raised by ``ready``: a failed actor creation loses the error's type
+            self.error = exc
 
     def score(self, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> list:
         from .shard_query import score_shard
@@ -54,15 +58,19 @@ class ShardWorker:
         return [score_shard(shard, x, labels, task, query) for shard in self.shards]
 
     def ready(self) -> int:
-        """Sources held: lets the driver wait until every actor has opened its shards."""
+        """Sources held: lets the driver wait until every actor has opened its shards, and
+        see why one could not."""
+        if self.error is not None:
+            raise self.error
         return sum(len(s) for s in self.shards)
 
 
 class RayShards:
     """``workers`` actors over the shard folders (actor i holds shards i, i + workers, ...),
     each running its kernels on ``threads`` threads (None: this machine's cores divided among
-    the actors when Ray is local; on a cluster, what each node's process has). Joins the Ray instance this process already started, else the cluster at ``address``,
-    else starts a local one (and shuts it down on ``close``)."""
+    the actors when Ray is local; on a cluster, what each node's process has). Joins the Ray
+    instance this process already started, else the cluster at ``address``, else starts a
+    local one (and shuts it down on ``close``)."""
 
     def __init__(self, folders: list[str], workers: int, address: str | None = None,
                  device: str | None = None, threads: int | None = None) -> None:
@@ -81,7 +89,7 @@ class RayShards:
                     ray.init(include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise InvalidArgumentError(f"cannot start or reach Ray at {address or 'a local instance'}: "
-                                           f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+                                           f"{_first_line(exc)}") from None
             self._started = True
         workers = min(workers, len(folders))
         if threads is None and not address:  # a local instance: the cores shared among the actors
@@ -111,10 +119,9 @@ class RayShards:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, EsmIndexError):
                 raise cause from None
-            raise IndexStoreError(f"a shard worker failed: {type(cause or exc).__name__}: "
-                                  f"{str(cause or exc).splitlines()[0] if str(cause or exc) else ''}") from None
+            raise IndexStoreError(f"a shard worker failed: {_first_line(cause or exc)}") from None
         except ray.exceptions.RayError as exc:
-            raise IndexStoreError(f"a shard worker failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise IndexStoreError(f"a shard worker failed: {_first_line(exc)}") from None
 
     def close(self) -> None:
         for a in self.actors:
@@ -123,3 +130,9 @@ class RayShards:
         if self._started:
             self._ray.shutdown()
             self._started = False
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line (Ray's messages carry remote tracebacks)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

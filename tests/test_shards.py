@@ -198,3 +198,13 @@ def test_cli_shard_then_rank_info_list_verify(runner, pools, tmp_path, ray_clust
     assert "ok: 24 sources" in runner.invoke(main, ["verify", str(out)]).output
     one_line_error(runner.invoke(main, ["shard", str(pools[0]), str(out)]))  # OUT not empty
     one_line_error(runner.invoke(main, [*target, "--index", str(pools[0]), "--workers", "2"]))  # not sharded
+
+
+def test_a_failing_shard_worker_is_one_typed_error(ray_cluster, tmp_path):
+    """An actor that cannot open its shard (here: no index there) fails the query with one
+    line, not Ray's remote traceback."""
+    from esm_index.ray_shards import RayShards
+
+    with pytest.raises(IndexStoreError, match="nowhere: not an esm-index index") as failure:
+        RayShards([str(tmp_path / "nowhere")], 1)
+    assert "\n" not in str(failure.value)

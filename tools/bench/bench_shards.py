@@ -11,9 +11,11 @@ first (FAISS files loaded, kernels compiled, Ray actors started and holding thei
 open); the first query's wall clock, actor start-up included, is reported apart. What is
 timed is ``rank_embeddings`` in the driver: sending the target, the shards' work, the merge.
 
-It also reports, per configuration, how many sources were scored exactly and how much of the
-unsharded top-10 the sharded query returns (each shard passes its own shortlist on, so a
-sharded default query scores S shortlists, not one). With ``--exact``, the exact-mode top-10
+It also reports, per configuration, how many sources were scored exactly and the recall of
+each target's exact top-10 (an exact scan, cached in ROOT/exact-N.npz): each shard passes its
+own candidates, refine and shortlist on, so a sharded default query passes S times as many
+sources through each stage as one index does; the unsharded query with stages S times as
+wide (CANDIDATES/REFINE/SHORTLIST) is run beside it for that reason. With ``--exact``, the exact-mode top-10
 of the sharded query is compared with the unsharded one (needs ~2.3 GB per 1,000 sources in
 the largest process; keep N small).
 
@@ -33,6 +35,8 @@ import numpy as np
 
 import shared
 from esm_index.index import SourceIndex  # noqa: E402 - shared puts the checkout on sys.path
+from esm_index.prefilter import plan  # noqa: E402
+from esm_index.results import DEFAULT_SHORTLIST  # noqa: E402
 from esm_index.ray_shards import kernel_threads  # noqa: E402
 from esm_index.shards import ShardedIndex, is_sharded  # noqa: E402
 
@@ -101,16 +105,26 @@ def main() -> None:
         rows.append({"config": "unsharded", **{k: v for k, v in base.items() if k != "rankings"},
                      "scored": scored(whole, tasks, **options), "recall10": recall(base["rankings"], truth)})
         print(json.dumps(rows[-1]), flush=True)
+        if not args.exact:  # every stage as wide as the shards' stages together
+            stages = plan(args.sources // args.shards)
+            wide = {"candidates": stages.candidates * args.shards, "refine": stages.refine * args.shards,
+                    "shortlist": DEFAULT_SHORTLIST * args.shards}
+            run = timed(whole, tasks, args.queries, **wide)
+            rows.append({"config": "unsharded, {candidates}/{refine}/{shortlist}".format(**wide),
+                         **{k: v for k, v in run.items() if k != "rankings"}, "scored": scored(whole, tasks, **wide),
+                         "recall10": recall(run["rankings"], truth)})
+            print(json.dumps(rows[-1]), flush=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     for workers in [0, *args.workers]:
         t0 = time.perf_counter()
         with ShardedIndex(sharded_dir, readonly=True, workers=workers, threads=args.threads or None) as index:
             opened = time.perf_counter() - t0
             run = timed(index, tasks, args.queries, **options)
-            count = scored(index, tasks, **options) if workers == 0 else rows[1]["scored"]
+            count = scored(index, tasks, **options) if workers == 0 else rows[-1]["scored"]
         name = "in-process" if workers == 0 else f"ray, {workers} worker{'s' * (workers > 1)}"
         rows.append({"config": f"{args.shards} shards, {name}", "open_s": round(opened, 2),
-                     **{k: v for k, v in run.items() if k != "rankings"}, "scored": count, "recall10": recall(run["rankings"], truth),
+                     **{k: v for k, v in run.items() if k != "rankings"}, "scored": count,
+                     "recall10": recall(run["rankings"], truth),
                      "top10_overlap_with_unsharded": round(overlap(run["rankings"], base["rankings"]), 3),
                      "same_top10_scores": _same(run["rankings"], base["rankings"])})
         print(json.dumps(rows[-1]), flush=True)
