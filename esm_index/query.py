@@ -1,4 +1,5 @@
-"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``):
+"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``; a
+sharded index runs ``score``, every step before ``combine``, on each shard, shard_query.py):
 
     check_input -> target_statistics -> allowed_ids
         -> faiss_stage -> approximate_stage -> refining_stage -> nearest_domains   (the prefilter)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -73,37 +75,55 @@ class Shortlist:
 def run(index, x, labels, task: str, query: Query) -> Ranking:
     """Rank ``index``'s sources for a target given as base-model embeddings (n, d)."""
     with one_blas_thread():
-        timer = Timer()
         x, labels, about, warnings = check_input(index.manifest["dim"], x, labels, task, query)
-        target = target_statistics(x, labels, task, index.device)
-        allowed, pool_size = allowed_ids(index.store, query.filters)
-        if query.exact or query.shortlist is None or query.shortlist >= pool_size:
-            found, logme, domain = scan_stage(index.store, target, x, allowed, timer)
-        else:
-            prefilter, probe = index.prefilter(), index.probe
-            stages, view = plan(pool_size), TargetView(target)
-            candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
-            faiss_k, approximate_k, refining_k = stages.directions
-            timer.lap("prepare")
-            found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
-            timer.lap("faiss")
-            found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
-            timer.lap("approximate")
-            found = refining_stage(index.store, found, view, query.shortlist, refining_k)
-            if found.stage_scores["refining"]:
-                timer.lap("refining")
-            if query.method != "esm-logme":
-                found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
-            timer.lap("load")
-            logme = exact_stage(target, found)
-            timer.lap("exact")
-            metas = index.store.metas(found.ids)
-            domain = similarities(x, metas)
-        method, scores = combine(logme, domain, query.method)
-        order = top_order(scores, logme, query.top)
-        metas = index.store.metas(found.ids[order])
-        return Ranking(results(found, order, metas, scores, logme, domain), pool_size=pool_size,
-                       timings=timer.timings, target=about, warnings=warnings, method=method)
+        scored = score(index, x, labels, task, query)
+        method, scores = combine(scored.logme, scored.domain, query.method)
+        order = top_order(scores, scored.logme, query.top)
+        metas = index.store.metas(scored.found.ids[order])
+        return Ranking(results(scored.found, order, metas, scores, scored.logme, scored.domain),
+                       pool_size=scored.pool_size, timings=scored.timings, target=about, warnings=warnings,
+                       method=method)
+
+
+class Scored(NamedTuple):
+    """The sources a query scored exactly, before ``combine`` orders them."""
+
+    found: Shortlist
+    logme: np.ndarray
+    domain: np.ndarray  # NaN where a source has no domain vector
+    pool_size: int
+    timings: dict[str, float]
+
+
+def score(index, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> Scored:
+    """Every step before ``combine``, on a checked target. Apart from ``run`` because a
+    sharded index (shards.py) runs it on each shard and combines over the union of the
+    shards' sources ("combined" standardises over every source scored)."""
+    timer = Timer()
+    target = target_statistics(x, labels, task, index.device)
+    allowed, pool_size = allowed_ids(index.store, query.filters)
+    if query.exact or query.shortlist is None or query.shortlist >= pool_size:
+        found, logme, domain = scan_stage(index.store, target, x, allowed, timer)
+    else:
+        prefilter, probe = index.prefilter(), index.probe
+        stages, view = plan(pool_size), TargetView(target)
+        candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
+        faiss_k, approximate_k, refining_k = stages.directions
+        timer.lap("prepare")
+        found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
+        timer.lap("faiss")
+        found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
+        timer.lap("approximate")
+        found = refining_stage(index.store, found, view, query.shortlist, refining_k)
+        if found.stage_scores["refining"]:
+            timer.lap("refining")
+        if query.method != "esm-logme":
+            found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
+        timer.lap("load")
+        logme = exact_stage(target, found)
+        timer.lap("exact")
+        domain = similarities(x, index.store.metas(found.ids))
+    return Scored(found, logme, domain, pool_size, timer.timings)
 
 
 def check_input(dim: int, x, labels, task: str, query: Query):
