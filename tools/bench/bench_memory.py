@@ -13,6 +13,7 @@ per checkout asked for,
              embeddings are cached first (not measured), so a run is start-up + the scan
     export   esm-index export POOL TMP (the folder deleted after)
     reprobe  esm-index rebuild POOL --reprobe (rewrites the pool's summaries and FAISS files)
+    verify   esm-index verify POOL (reads every map; exit 1 where the pool has no FAISS files)
 
 A command's peak RSS is its own, from ``/usr/bin/time`` (ru_maxrss of a child that time
 forks: a child of this Python process would inherit this process's peak; it counts the
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--pools", type=Path, default=Path("/tmp/esm-bench"), help="where pool-N folders live")
     ap.add_argument("--before", type=Path, default=None, help="the checkout to compare with (e.g. /work/main)")
     ap.add_argument("--skip-before", nargs="*", default=[], help="ops not run with --before (too large for it)")
-    ap.add_argument("--ops", nargs="+", default=["rank"], choices=["rank", "export", "reprobe"])
+    ap.add_argument("--ops", nargs="+", default=["rank"], choices=["rank", "export", "reprobe", "verify"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--samples", nargs="+", default=list(SAMPLE_NAMES), choices=SAMPLE_NAMES)
     args = ap.parse_args()
@@ -95,6 +96,8 @@ def main() -> None:
                         for s in args.samples for m in args.methods]
             elif op == "export":
                 runs = [("export", ["export", str(pool), str(args.pools / "export-tmp")])]
+            elif op == "verify":
+                runs = [("verify", ["verify", str(pool)])]
             else:
                 runs = [("rebuild --reprobe", ["rebuild", str(pool), "--reprobe"])]
             for what, command in runs:
