@@ -87,7 +87,8 @@ class RayShards:
                     ray.init(address=address, log_to_driver=False)
                 else:
                     ray.init(include_dashboard=False, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # Ray raises plain Exception too (e.g. a node start-up timeout)
+                ray.shutdown()  # what a failed start left running
                 raise InvalidArgumentError(f"cannot start or reach Ray at {address or 'a local instance'}: "
                                            f"{_first_line(exc)}") from None
             self._started = True
