@@ -44,12 +44,13 @@ def friendly(fn):
     return wrapper
 
 
-def _open(folder, readonly: bool = False, device: str | None = None, batch_size: int = 64):
+def _open(folder, readonly: bool = False, device: str | None = None, batch_size: int = 64, **shard_options):
+    """A ``SourceIndex``, or a ``ShardedIndex`` for a folder with a shard manifest (shards.py)."""
     from .checks import check_positive
-    from .index import SourceIndex
+    from .shards import open_index
 
     check_positive(**{"--batch-size": batch_size})
-    return SourceIndex(folder, readonly=readonly, device=device, batch_size=batch_size)
+    return open_index(folder, readonly=readonly, device=device, batch_size=batch_size, **shard_options)
 
 
 def default_index_path() -> Path:
@@ -103,7 +104,9 @@ def _command_seconds() -> float:
 @click.option("--pooling", type=click.Choice(["mean", "cls", "pooler"]), default="mean", show_default=True)
 @click.option("--normalize/--no-normalize", default=False, show_default=True)
 @click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", "esm_dtype", type=click.Choice(["float16", "float32", "float16-factor"]), default="float16",
+              show_default=True, help="How ESMs are stored: float16-factor is half the size of float16, "
+                                      "the same scores, a rotated map (README, Storage).")
 @click.option("--probe-dim", type=int, default=128, show_default=True,
               help="Prefilter summary size k (k(k+1)/2 floats; capped at d+1).")
 @model_options
@@ -217,17 +220,22 @@ def add(folder, data_file, text_cols, label_cols, task, name, language, tags, ma
 @click.option("--server", envvar="ESM_INDEX_SERVER", default=None, metavar="URL",
               help="Send the query to a running 'esm-index serve' (env ESM_INDEX_SERVER; token from "
                    "ESM_INDEX_TOKEN); --index then names a served index or its folder.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Sharded index: Ray actors over its shards (0: the shards in this process; default: "
+                   "one per shard with --ray-address, else 0).")
+@click.option("--ray-address", default=None, metavar="ADDRESS", help="Sharded index: a running Ray cluster.")
 @model_options
 @friendly
 def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candidates, refine, exact, method,
-         f_task, f_language, f_tags, min_size, fmt, server, device, batch_size):
+         f_task, f_language, f_tags, min_size, fmt, server, workers, ray_address, device, batch_size):
     """Rank the pool's sources for a labelled target file (CSV, TSV, JSONL, JSON or Parquet)."""
     options = dict(top=top, exact=exact, shortlist=shortlist or max(DEFAULT_SHORTLIST, top), candidates=candidates,
                    refine=refine, filters=Filters(f_task, f_language, f_tags, min_size), method=method)
     startup = _command_seconds()
     if server:
-        if device is not None or batch_size != 64:
-            _fail("--device and --batch-size apply to local mode; with --server the server's own settings hold")
+        if device is not None or batch_size != 64 or workers is not None or ray_address:
+            _fail("--device, --batch-size, --workers and --ray-address apply to local mode; with --server the "
+                  "server's own settings hold")
         ranking = _rank_remote(server, folder, target_file, text_cols, label_cols, task, options)
     else:
         from .checks import check_labels, check_positive, check_size
@@ -236,7 +244,8 @@ def rank(target_file, folder, text_cols, label_cols, task, top, shortlist, candi
         check_positive(**{"--top": top, "--shortlist": shortlist, "--candidates": candidates, "--refine": refine})
         data = load_labelled(target_file, text_cols, label_cols, task)
         folder = folder or default_index_path()
-        with _open(folder, readonly=True, device=device, batch_size=batch_size) as index:
+        with _open(folder, readonly=True, device=device, batch_size=batch_size, workers=workers,
+                   ray_address=ray_address) as index:
             if not len(index):  # before embedding the target, but after what is wrong with the target
                 check_labels(data.labels, data.task, len(data.texts))
                 check_size(len(data))
@@ -307,6 +316,21 @@ def serve(indexes, host, port, token, workers, threads_per_query, max_body_mb, m
         _fail(f"--threads-per-query must be 0 or more, not {threads_per_query}")
     run_server(folders, host, port, token, Limits(max_body_mb, max_rows, max_targets, workers, threads_per_query),
                warm=not no_warm)
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
+@friendly
+def shard(source, out, shards):
+    """Split an index into index folders under OUT, with the manifest 'rank --index OUT' reads."""
+    from .shards import ShardedIndex
+
+    with ShardedIndex.split(source, out, shards, readonly=True) as index:
+        sizes = index.info()["shards"]
+    click.echo(f"split {plural(sum(sizes.values()), 'source')} into {plural(shards, 'shard')} under {out}: "
+               + ", ".join(f"{name} {count}" for name, count in sizes.items()))
 
 
 @main.command()

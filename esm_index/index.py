@@ -29,10 +29,12 @@ from .data import LabelledData
 from .domain import DOMAIN_KEY
 from .embed import (DEFAULT_MODEL_NAME, Embedder, EmbeddingSpec, cached_embeddings, checked_device, identify_model,
                     index_model_folder, resolve_model)
+from .encoding import get_encoding
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
 from .finetune import FIT_TEXTS, FinetuneConfig, finetune_and_fit
+from .logme import one_blas_thread
 from .prefilter import Prefilter, PrefilterFiles
 from .results import Query, Ranking  # apart, so client.py builds them without numpy
 from .store import NewSource, Store
@@ -74,13 +76,13 @@ class SourceIndex:
                spec: EmbeddingSpec | None = None, esm_dtype: str = "float16", probe_dim: int = DEFAULT_PROBE_DIM,
                reference_texts: Sequence[str] | None = None, device: str | None = None,
                batch_size: int = 64) -> "SourceIndex":
-        """Make a new, empty index for one base model and pooling. The prefilter's probe is
+        """Make a new, empty index for one base model and pooling, storing ESMs in the
+        encoding ``esm_dtype`` (float16, float32 or float16-factor: encoding.py). The prefilter's probe is
         computed here from reference texts embedded with that model. ``model_path``: a model
         folder or a hub name in the local cache (default: the packaged MiniLM). Without a
         ``spec.model_name``, the model is identified (``embed.identify_model``), so that ESMs
         made for it by its hub name fit; the folder's name is the fallback."""
-        if esm_dtype not in ("float16", "float32"):
-            raise InvalidArgumentError(f"esm_dtype must be float16 or float32, not {esm_dtype!r}")
+        get_encoding(esm_dtype)  # an unknown encoding is refused before the model loads
         folder = Path(folder)
         if (folder / "store.lmdb").exists():
             raise IndexStoreError(f"{folder}: an index exists there already")
@@ -169,8 +171,9 @@ class SourceIndex:
                 return
             summaries = summarize(np.stack([e.weight for _, e in batch]), np.stack([e.bias for _, e in batch]), self.probe)
             meta = [_source_meta(e) for _, e in batch]
-            ids = self.store.add(NewSource(n, e.weight, e.bias, m, s)
-                                 for (n, e), m, s in zip(batch, meta, summaries))
+            with one_blas_thread():  # one limiter for a batch, not one per map the encoding factors
+                ids = self.store.add(NewSource(n, e.weight, e.bias, m, s)
+                                     for (n, e), m, s in zip(batch, meta, summaries))
             added += sum(i is not None for i in ids)
             skipped += sum(i is None for i in ids)
             if on_batch:
@@ -250,11 +253,11 @@ class SourceIndex:
         if not force and out.is_dir() and any(out.iterdir()):
             raise InvalidArgumentError(f"{out}: the folder is not empty (force=True, or --force, writes into it)")
         count = 0
-        for sid, meta in self.store.iter_meta():
-            _, w, b = self.store.esms([sid])
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in meta["name"])
-            ESM(w[0], b[0], {k: v for k, v in meta.items() if k != "name"}).save(out / safe)
-            count += 1
+        for _, weights, biases, metas in self.store.iter_esms(metas=True):  # a batch in memory at a time
+            for w, b, meta in zip(weights, biases, metas):
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in meta["name"])
+                ESM(w, b, {k: v for k, v in meta.items() if k != "name"}).save(out / safe)
+                count += 1
         return count
 
     # ---- the prefilter (its lifecycle: prefilter.PrefilterFiles) -----------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .domain import DOMAIN_KEY
 from .errors import InvalidArgumentError
 
 COLOR_FIELDS = ("language", "task_type")
@@ -43,7 +44,8 @@ def pool_coordinates(index) -> PoolMap:
     xy[:, :min(2, codes.shape[1])] = codes[:, :2]
     order = np.argsort(ids)
     ids, xy = ids[order], _spread(xy[order])
-    metas = index.store.metas(ids)
+    metas = [{k: v for k, v in m.items() if k != DOMAIN_KEY}  # not the domain vector: 12 kB a source parsed
+             for start in range(0, len(ids), 4096) for m in index.store.metas(ids[start:start + 4096])]
     return PoolMap(ids, [m["name"] for m in metas], metas, xy)
 
 

@@ -1,4 +1,5 @@
-"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``):
+"""The query path, one named step per stage (``SourceIndex.rank_embeddings`` runs ``run``; a
+sharded index runs ``score``, every step before ``combine``, on each shard, shard_query.py):
 
     check_input -> target_statistics -> allowed_ids
         -> faiss_stage -> approximate_stage -> refining_stage -> nearest_domains   (the prefilter)
@@ -8,12 +9,20 @@ The prefilter's stages (results.py names them; prefilter.py and summary.py expla
 only when the pool is larger than the shortlist: each passes the best of its sources on to
 the next, and every stage score a source got is reported under its stage's name. The exact
 stage is ESM-LogME (logme.py); ``combine`` orders by the query's method (domain.py).
+
+An exact query (``--exact``, or a shortlist that covers the pool) is ``scan_stage`` instead:
+the pool streams from the store in batches (store.SCAN_BATCH), and only each source's id,
+ESM-LogME and domain similarity are kept (24 bytes a source), since "combined" standardises
+over every source scored; the metadata is read for the ``top`` results alone. Memory is one
+batch of maps whatever the pool's size, and the scores are those of one batch: each source
+is scored on its own.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +52,11 @@ class Timer:
         self.timings[name] = round(now - self._clock, 4)
         self._clock = now
 
+    def add(self, seconds: dict[str, float]) -> None:
+        """Steps that ran interleaved (reading and scoring batches), timed by the caller."""
+        self.timings.update({name: round(v, 4) for name, v in seconds.items()})
+        self._clock = time.perf_counter()
+
 
 @dataclass
 class Shortlist:
@@ -61,35 +75,55 @@ class Shortlist:
 def run(index, x, labels, task: str, query: Query) -> Ranking:
     """Rank ``index``'s sources for a target given as base-model embeddings (n, d)."""
     with one_blas_thread():
-        timer = Timer()
         x, labels, about, warnings = check_input(index.manifest["dim"], x, labels, task, query)
-        target = target_statistics(x, labels, task, index.device)
-        allowed, pool_size = allowed_ids(index.store, query.filters)
-        if query.exact or query.shortlist is None or query.shortlist >= pool_size:
-            found = Shortlist(*index.store.esms(index.store.ids() if allowed is None else allowed))
-        else:
-            prefilter, probe = index.prefilter(), index.probe
-            stages, view = plan(pool_size), TargetView(target)
-            candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
-            faiss_k, approximate_k, refining_k = stages.directions
-            timer.lap("prepare")
-            found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
-            timer.lap("faiss")
-            found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
-            timer.lap("approximate")
-            found = refining_stage(index.store, found, view, query.shortlist, refining_k)
-            if found.stage_scores["refining"]:
-                timer.lap("refining")
-            if query.method != "esm-logme":
-                found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
+        scored = score(index, x, labels, task, query)
+        method, scores = combine(scored.logme, scored.domain, query.method)
+        order = top_order(scores, scored.logme, query.top)
+        metas = index.store.metas(scored.found.ids[order])
+        return Ranking(results(scored.found, order, metas, scores, scored.logme, scored.domain),
+                       pool_size=scored.pool_size, timings=scored.timings, target=about, warnings=warnings,
+                       method=method)
+
+
+class Scored(NamedTuple):
+    """The sources a query scored exactly, before ``combine`` orders them."""
+
+    found: Shortlist
+    logme: np.ndarray
+    domain: np.ndarray  # NaN where a source has no domain vector
+    pool_size: int
+    timings: dict[str, float]
+
+
+def score(index, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> Scored:
+    """Every step before ``combine``, on a checked target. Apart from ``run`` because a
+    sharded index (shards.py) runs it on each shard and combines over the union of the
+    shards' sources ("combined" standardises over every source scored)."""
+    timer = Timer()
+    target = target_statistics(x, labels, task, index.device)
+    allowed, pool_size = allowed_ids(index.store, query.filters)
+    if query.exact or query.shortlist is None or query.shortlist >= pool_size:
+        found, logme, domain = scan_stage(index.store, target, x, allowed, timer)
+    else:
+        prefilter, probe = index.prefilter(), index.probe
+        stages, view = plan(pool_size), TargetView(target)
+        candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
+        faiss_k, approximate_k, refining_k = stages.directions
+        timer.lap("prepare")
+        found = faiss_stage(index.store, prefilter, view, probe, allowed, pool_size, candidates, faiss_k)
+        timer.lap("faiss")
+        found = approximate_stage(index.store, found, view, probe, max(query.shortlist, refine), approximate_k)
+        timer.lap("approximate")
+        found = refining_stage(index.store, found, view, query.shortlist, refining_k)
+        if found.stage_scores["refining"]:
+            timer.lap("refining")
+        if query.method != "esm-logme":
+            found = nearest_domains(index.store, found, prefilter, x, query.shortlist, allowed)
         timer.lap("load")
         logme = exact_stage(target, found)
         timer.lap("exact")
-        metas = index.store.metas(found.ids)
-        domain = similarities(x, metas)
-        method, scores = combine(logme, domain, query.method)
-        return Ranking(results(found, metas, scores, logme, domain, query.top), pool_size=pool_size,
-                       timings=timer.timings, target=about, warnings=warnings, method=method)
+        domain = similarities(x, index.store.metas(found.ids))
+    return Scored(found, logme, domain, pool_size, timer.timings)
 
 
 def check_input(dim: int, x, labels, task: str, query: Query):
@@ -174,6 +208,27 @@ def nearest_domains(store, found: Shortlist, prefilter: Prefilter, x: np.ndarray
     return found
 
 
+def scan_stage(store, target: TargetStats, x: np.ndarray, allowed: np.ndarray | None,
+               timer: Timer) -> tuple[Shortlist, np.ndarray, np.ndarray]:
+    """(the sources, their ESM-LogME, their domain similarity) for every allowed source,
+    streamed from the store a batch at a time; the maps and metadata of a batch are dropped
+    once it is scored. Times "load" (reading) and "exact" (scoring) separately."""
+    ids, logme, domain = [np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0)]
+    timer.lap("prepare")
+    seconds = {"load": 0.0, "exact": 0.0}
+    clock = time.perf_counter()
+    for batch_ids, weights, biases, metas in store.iter_esms(allowed, metas=True):
+        loaded = time.perf_counter()
+        ids.append(batch_ids)
+        logme.append(score_esms(target, torch.from_numpy(weights), torch.from_numpy(biases)))
+        domain.append(similarities(x, metas))
+        clock, seconds["load"], seconds["exact"] = (time.perf_counter(), seconds["load"] + loaded - clock,
+                                                    seconds["exact"] + time.perf_counter() - loaded)
+    seconds["load"] += time.perf_counter() - clock
+    timer.add(seconds)
+    return Shortlist(np.concatenate(ids)), np.concatenate(logme), np.concatenate(domain)
+
+
 def exact_stage(target: TargetStats, found: Shortlist) -> np.ndarray:
     """ESM-LogME of every source left."""
     if not len(found.ids):
@@ -192,14 +247,18 @@ def combine(logme: np.ndarray, domain: np.ndarray, method: str) -> tuple[str, np
     return method, combine_scores(logme, domain, method)
 
 
-def results(found: Shortlist, metas: list[dict], scores: np.ndarray, logme: np.ndarray, domain: np.ndarray,
-            top: int) -> list[Result]:
-    """The ``top`` best, ties (no domain vector, by "domain") broken by ESM-LogME."""
-    order = np.lexsort((-logme, -scores))[:top]
+def top_order(scores: np.ndarray, logme: np.ndarray, top: int) -> np.ndarray:
+    """Positions of the ``top`` best, ties (no domain vector, by "domain") broken by ESM-LogME."""
+    return np.lexsort((-logme, -scores))[:top]
+
+
+def results(found: Shortlist, order: np.ndarray, metas: list[dict], scores: np.ndarray, logme: np.ndarray,
+            domain: np.ndarray) -> list[Result]:
+    """The sources at positions ``order``, best first; ``metas``: theirs, in that order."""
     optional = lambda v: float(v) if np.isfinite(v) else None  # noqa: E731
     out = []
-    for rank, j in enumerate(order, 1):
-        sid, meta = int(found.ids[j]), metas[j]
+    for rank, (j, meta) in enumerate(zip(order, metas), 1):
+        sid = int(found.ids[j])
         out.append(Result(rank, meta["name"], optional(scores[j]), float(logme[j]), optional(domain[j]),
                           *(found.stage_scores[s].get(sid) for s in STAGES),
                           meta={k: v for k, v in meta.items() if k not in HIDDEN_META}))
