@@ -89,6 +89,21 @@ def base_embeddings(embedder, texts: list[str], cache: Path = CACHE) -> np.ndarr
     return cached_embeddings(cache / "base", embedder.spec, texts, lambda: embedder.embed(texts))
 
 
+def held_out_target(task_id: str, embedder, cache: Path = CACHE) -> tuple[np.ndarray, np.ndarray]:
+    """A task's held-out target rows as (base embeddings, class ids numbered densely): the
+    target the evaluation scripts rank the pool for."""
+    data, _ = load_task(task_id, cache)
+    _, tgt = split(task_id, len(data))
+    x = base_embeddings(embedder, [data.texts[i] for i in tgt], cache)
+    return x, np.unique(data.labels[tgt], return_inverse=True)[1]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (no ties expected: scores are continuous)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def label_null_scores(x: np.ndarray, labels: np.ndarray, weights, biases, rounds: int = 3,
                       seed: int = 0) -> np.ndarray:
     """Each source's mean ESM-LogME for the same target texts with the labels shuffled.

@@ -34,15 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import common  # noqa: E402
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def dense(labels: np.ndarray) -> np.ndarray:
-    return np.unique(labels, return_inverse=True)[1]
-
-
 def main() -> None:
     import torch
 
@@ -86,10 +77,7 @@ def main() -> None:
     recall: dict[int, list[float]] = {k: [] for k in (5, 8, 10, 15)}
     same, winners = [], {}
     for tid in tasks:
-        data, _ = common.load_task(tid)
-        _, tgt = common.split(tid, len(data))
-        x = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt])
-        y = dense(data.labels[tgt])
+        x, y = common.held_out_target(tid, index.embedder)
         ranking = index.rank_embeddings(x, y, "classification", top=len(index))
         by_method = {m: index.rank_embeddings(x, y, "classification", top=len(index), method=m)
                      for m in ("esm-logme", "domain")}
@@ -115,7 +103,7 @@ def main() -> None:
             recall[k].append(len(truth & set(sorted(approx, key=approx.get)[-k:])) / 5)
         # Experiment: the same scores less each source's score for shuffled labels.
         adjusted = np.asarray([s32[t] for t in tasks]) - common.label_null_scores(x, y, w, b)
-        same.append({"target": tid, "n": len(tgt), "own_rank": position(ranking, tid), "top1": first,
+        same.append({"target": tid, "n": len(y), "own_rank": position(ranking, tid), "top1": first,
                      "margin": ranking.results[0].score - ranking.results[1].score,
                      "own_rank_esm_logme": alone["esm-logme"], "own_rank_domain": alone["domain"],
                      "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
@@ -138,16 +126,13 @@ def main() -> None:
     # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
     fidelity = []
     for target in common.FIDELITY_TARGETS:
-        data, _ = common.load_task(target)
-        _, tgt = common.split(target, len(data))
-        y = dense(data.labels[tgt])
-        x = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt])
+        x, y = common.held_out_target(target, index.embedder)
         others = [i for i, s in enumerate(tasks) if not common.twins(s, target)]
         esm_scores = score_esms(TargetStats.from_embeddings(x, y), w, b)[others]
         real = np.asarray([logme(np.load(args.pool / tasks[i] / "fidelity.npz")[target].astype(np.float32), y)
                            for i in others])
         top = lambda s, k: {others[j] for j in np.argsort(-s)[:k]}  # noqa: E731
-        fidelity.append({"target": target, "n": len(y), "spearman": spearman(real, esm_scores),
+        fidelity.append({"target": target, "n": len(y), "spearman": common.spearman(real, esm_scores),
                          "top1_agree": top(real, 1) == top(esm_scores, 1),
                          "top3_overlap": len(top(real, 3) & top(esm_scores, 3)),
                          "real_top1": tasks[min(top(real, 1))], "esm_top1": tasks[min(top(esm_scores, 1))]})

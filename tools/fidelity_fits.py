@@ -2,7 +2,7 @@
 """How much fidelity could a better map fit buy? ESM-LogME against LogME on the real
 fine-tuned embeddings (as ``eval_pool.py`` measures it) for three kinds of map per source:
 
-  shipped  the maps of an index (``--index``; the shipped one by default), as built;
+  shipped  the maps an index serves (``--index``; the shipped one; float16 there);
   others   leave-one-target-out: each source's map is fitted on its real fine-tuned
            embeddings of the OTHER fidelity targets' held-out rows (7 other kinds of text,
            3,500 texts, none of the target's), then scored on the left-out target;
@@ -35,11 +35,6 @@ from esm_index.logme import TargetStats, logme, score_esms  # noqa: E402
 KINDS = ("shipped", "others", "oracle")
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def maps(kind: str, target: str, sources: list[str], index: SourceIndex, base: dict, tuned: dict):
     """(weights, biases) of ``sources`` for ``target``, fitted the way ``kind`` says."""
     weights, biases = [], []
@@ -66,10 +61,8 @@ def main() -> None:
     tasks = common.task_ids()
     base, labels = {}, {}
     for t in common.FIDELITY_TARGETS:
-        data, _ = common.load_task(t)
-        _, tgt = common.split(t, len(data))
-        base[t] = common.base_embeddings(index.embedder, [data.texts[i] for i in tgt]).astype(np.float64)
-        labels[t] = np.unique(data.labels[tgt], return_inverse=True)[1]
+        x, labels[t] = common.held_out_target(t, index.embedder)
+        base[t] = x.astype(np.float64)
     tuned = {s: dict(np.load(args.pool / s / "fidelity.npz")) for s in tasks}
 
     rows = {k: [] for k in args.kinds}
@@ -80,7 +73,7 @@ def main() -> None:
         for kind in args.kinds:
             esm = score_esms(stats, *maps(kind, t, sources, index, base, tuned))
             top = lambda v, k: set(np.argsort(-v)[:k])  # noqa: E731
-            rows[kind].append((t, spearman(real, esm), top(real, 1) == top(esm, 1), len(top(real, 3) & top(esm, 3))))
+            rows[kind].append((t, common.spearman(real, esm), top(real, 1) == top(esm, 1), len(top(real, 3) & top(esm, 3))))
             print(kind, *rows[kind][-1], flush=True)
 
     print("\n| map fit | " + " | ".join(common.FIDELITY_TARGETS) + " | mean Spearman | top-1 agrees | top-3 overlap |")
