@@ -65,6 +65,7 @@ def _fn(module: str, name: str, nargs: int):
 
 _dtrmm = _fn("blas", "dtrmm", 11)
 _dsyrk = _fn("blas", "dsyrk", 10)
+_dgemm = _fn("blas", "dgemm", 13)
 _dsytrd = _fn("lapack", "dsytrd", 10)
 _dormqr = _fn("lapack", "dormqr", 13)
 _dsterf = _fn("lapack", "dsterf", 4)
@@ -101,6 +102,51 @@ def _reduce_feature_side(r, w_aug, z, lwork, dtrmm, dsyrk, dsytrd, dormqr, dster
         # A := K^T K, lower triangle
         dsyrk(chars[0:].ctypes, chars[1:].ctypes, ints[1:].ctypes, ints[0:].ctypes, dbl[0:].ctypes, k.ctypes,
                ints[0:].ctypes, dbl[1:].ctypes, a.ctypes, ints[1:].ctypes)
+        off[b], sigma[b] = _tridiagonalize_lower(a, z[b], lwork, diag[b], dsytrd, dormqr, dsterf)
+    return diag, off, sigma
+
+
+def reduce_kernel_side(r, weights, biases, z, lwork):
+    """See ``_reduce_kernel_side`` (LAPACK entry points passed as arguments, as above)."""
+    return _reduce_kernel_side(r, weights, biases, z, lwork, _dtrmm, _dgemm, _dsyrk, _dsytrd, _dormqr, _dsterf)
+
+
+@numba.njit(cache=True, parallel=True)
+def _reduce_kernel_side(r, weights, biases, z, lwork, dtrmm, dgemm, dsyrk, dsytrd, dormqr, dsterf):  # pragma: no cover
+    """The small-target side (n <= D) of ``_reduce_feature_side``: for each source b (in
+    parallel), K = R W~^T, A = K K^T (n x n), A = H T H^T, eigenvalues of T and H^T z.
+
+    r (q, p) upper-trapezoidal R of the target in C order, q <= p = d + 1: R = [R1 | R2]
+    with R1 (q x q) upper-triangular, so K = R1 W~^T[:q] (dtrmm, in place) + R2 W~^T[q:]
+    (dgemm). weights (B, D, d) and biases (B, D) of any float type: W~ = [W, b] is built
+    here, in float64, one source at a time. z (B, C, q) C order, overwritten by H^T z.
+    Returns diag (B, q), off (B, q-1), eigenvalues (B, q).
+    """
+    batch, m, d = weights.shape
+    p = d + 1
+    q = r.shape[0]
+    diag = np.empty((batch, q))
+    off = np.empty((batch, max(q - 1, 1)))
+    sigma = np.empty((batch, q))
+    chars = np.array([ord("L"), ord("T"), ord("N")], dtype=np.uint8)  # 'L', 'T', 'N'
+    for b in prange(batch):
+        k = np.empty((m, p))  # C order (D, p) = column-major p x D: W~^T; its first q rows become K
+        k[:, :d] = weights[b]
+        k[:, d] = biases[b]
+        tail = k[:, q:].copy()  # W~^T[q:] (column-major, leading dimension p - q), before K overwrites
+        a = np.zeros((q, q))  # column-major q x q
+        ints = np.array([p, m, q, p - q], dtype=np.int32)
+        dbl = np.array([1.0, 0.0])
+        # K[:q] := R1 W~^T[:q]  (r's first q columns, C order = R1^T column-major, lower)
+        dtrmm(chars[0:].ctypes, chars[0:].ctypes, chars[1:].ctypes, chars[2:].ctypes, ints[2:].ctypes,
+               ints[1:].ctypes, dbl[0:].ctypes, r.ctypes, ints[0:].ctypes, k.ctypes, ints[0:].ctypes)
+        if p > q:  # K[:q] += R2 W~^T[q:]  (R2^T column-major starts at r[0, q], leading dimension p)
+            dgemm(chars[1:].ctypes, chars[2:].ctypes, ints[2:].ctypes, ints[1:].ctypes, ints[3:].ctypes,
+                  dbl[0:].ctypes, r[0, q:].ctypes, ints[0:].ctypes, tail.ctypes, ints[3:].ctypes,
+                  dbl[0:].ctypes, k.ctypes, ints[0:].ctypes)
+        # A := K K^T, lower triangle (K is q x D with leading dimension p)
+        dsyrk(chars[0:].ctypes, chars[2:].ctypes, ints[2:].ctypes, ints[1:].ctypes, dbl[0:].ctypes, k.ctypes,
+              ints[0:].ctypes, dbl[1:].ctypes, a.ctypes, ints[2:].ctypes)
         off[b], sigma[b] = _tridiagonalize_lower(a, z[b], lwork, diag[b], dsytrd, dormqr, dsterf)
     return diag, off, sigma
 

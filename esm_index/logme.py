@@ -120,7 +120,8 @@ def check_esm_batch(weights: torch.Tensor, biases: torch.Tensor, dim: int) -> No
     if weights.shape[2] != dim:
         raise ModelMismatchError(f"ESM input dimension {weights.shape[2]} does not match "
                                  f"the target embedding dimension {dim}")
-    if not (torch.isfinite(weights.sum(dtype=torch.float64)) and torch.isfinite(biases.sum(dtype=torch.float64))):
+    if weights.numel() and not all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in (weights, biases)):
+        # aminmax propagates NaN and shows an infinity: one pass, no float64 copy
         raise InvalidESMError("ESM weights contain NaN or infinity")
 
 
@@ -289,10 +290,25 @@ class TridiagonalTerms:
 
     @classmethod
     def kernel_side(cls, target: TargetStats, chunks) -> "TridiagonalTerms":
-        """A = K K^T (n x n, n small) per source, reduced by ``from_grams``."""
-        parts = [cls.from_grams(*_gram(target, w, b)[:2], target.yy) for w, b in chunks]
-        joined = [np.concatenate([getattr(p, name) for p in parts]) for name in ("diag", "off", "z")]
-        return cls(*joined, np.concatenate([p.sigma.numpy() for p in parts]), True, target.yy)
+        """A = K K^T (n x n, n small) per source: K by a triangular and a dense product (R is
+        upper-trapezoidal), A by a symmetric rank-k update and its reduction, compiled and run
+        in parallel over sources, in float64 (``_kernels.reduce_kernel_side``)."""
+        from scipy.linalg import lapack
+        from threadpoolctl import threadpool_limits
+
+        from ._kernels import reduce_kernel_side
+
+        r = np.ascontiguousarray(target.r.cpu().numpy())
+        qty = target.qty.T.cpu().numpy()  # (C, q): every source starts from Q^T y
+        lwork = int(lapack.dsytrd_lwork(r.shape[0], lower=1)[0])
+        parts = []
+        for w, b in chunks:
+            z = np.ascontiguousarray(np.broadcast_to(qty, (w.shape[0], *qty.shape)))
+            with threadpool_limits(1):  # one BLAS thread per source, sources in parallel
+                diag, off, sigma = reduce_kernel_side(r, _numba_float(w), _numba_float(b), z, lwork)
+            parts.append((diag, off, z, sigma))
+        diag, off, z, sigma = (np.concatenate(p) for p in zip(*parts))
+        return cls(diag, off, z, sigma, True, target.yy)
 
     def sums(self, t: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """m2 and res2 (B, C) at t (B, C); with ``active`` (B, C), solved only for those pairs
@@ -307,6 +323,11 @@ class TridiagonalTerms:
         else:
             m2, res2 = ww, self.yy - zw - tn * ww
         return torch.from_numpy(m2), torch.from_numpy(res2)
+
+
+def _numba_float(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as an array the compiled kernels take (numba has no float16)."""
+    return (t.float() if t.dtype not in (torch.float32, torch.float64) else t).numpy()
 
 
 def fixed_point(terms: EigTerms | TridiagonalTerms, n: int, out_dim: int, *, loop: str, extra_zeros: int = 0,
@@ -387,16 +408,20 @@ def score_esms(
     device = target.r.device
     out_dim, (rq, width) = weights.shape[1], target.r.shape
     kernel_side = rq <= out_dim
+    # n <= D, but [X, 1] has rank rq < n (a map wider than its input): the n x n kernel of F
+    # has n - rq zero eigenvalues the rq x rq Gram lacks; hfselect keeps them (log det)
+    extra = target.n - rq if kernel_side else 0
     backend = choose_backend(device, out_dim, method, eigh_up_to=EIGH_UP_TO, tridiagonal_ok=kernel_side or rq == width)
     chunks = [(weights[i:i + batch_size].to(device), biases[i:i + batch_size].to(device))
               for i in range(0, weights.shape[0], batch_size)]
     if backend.spectrum == TRIDIAGONAL:
         terms = (TridiagonalTerms.kernel_side if kernel_side else TridiagonalTerms.feature_side)(target, chunks)
-        return fixed_point(terms, target.n, out_dim, loop=backend.loop, weight=target.weight).numpy()
+        return fixed_point(terms, target.n, out_dim, loop=backend.loop, extra_zeros=extra, weight=target.weight).numpy()
     out = []
     for w, b in chunks:
         terms = EigTerms(*_gram(target, w, b), target.yy)
-        out.append(fixed_point(terms, target.n, out_dim, loop=backend.loop, weight=target.weight).cpu())
+        out.append(fixed_point(terms, target.n, out_dim, loop=backend.loop, extra_zeros=extra,
+                               weight=target.weight).cpu())
     return torch.cat(out).numpy()
 
 

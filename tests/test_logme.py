@@ -75,6 +75,24 @@ def test_classification_matches(oracle, n, d, classes):
 
 
 @pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize("n", [12, 9, 7])
+def test_kernel_side_with_maps_wider_than_their_input(oracle, n):
+    """n <= D with a map that widens (D = 16 > d = 8): R is square (n >= d + 1: no dense
+    part R2, and F's n x n kernel has n - 9 zero eigenvalues the 9 x 9 Gram lacks), or
+    trapezoidal (n < d + 1); both backends handle every case."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 8)).astype(np.float32)
+    labels = np.arange(n) % 3
+    w = rng.standard_normal((4, 16, 8)).astype(np.float32)
+    b = rng.standard_normal((4, 16)).astype(np.float32)
+    stats = TargetStats.from_embeddings(x, labels)
+    expected = [oracle(_mapped(x, w[i], b[i]), labels) for i in range(4)]
+    for method in ("eigh", "tridiagonal"):
+        ours = score_esms(stats, torch.from_numpy(w), torch.from_numpy(b), batch_size=3, method=method)
+        np.testing.assert_allclose(ours, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("oracle", ORACLES)
 @pytest.mark.parametrize("method", ["eigh", "tridiagonal"])
 def test_rank_deficient_features_match(oracle, method):
     """Real sentence embeddings are exactly rank-deficient ([X, 1] has null directions:
@@ -229,6 +247,12 @@ def test_bad_maps_are_refused():
     w = torch.eye(4).unsqueeze(0)
     with pytest.raises(InvalidESMError, match="NaN"):
         score_esms(stats, w * float("nan"), torch.zeros(1, 4))
+    one_bad = w.repeat(3, 1, 1)
+    one_bad[1, 2, 3] = float("inf")
+    with pytest.raises(InvalidESMError, match="infinity"):
+        score_esms(stats, one_bad.half(), torch.zeros(3, 4))
+    with pytest.raises(InvalidESMError, match="NaN"):
+        score_esms(stats, w, torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
     with pytest.raises(ModelMismatchError):
         score_esms(stats, torch.eye(5).unsqueeze(0), torch.zeros(1, 5))
     with pytest.raises(InvalidESMError):
