@@ -208,3 +208,32 @@ def test_a_failing_shard_worker_is_one_typed_error(ray_cluster, tmp_path):
     with pytest.raises(IndexStoreError, match="nowhere: not an esm-index index") as failure:
         RayShards([str(tmp_path / "nowhere")], 1)
     assert "\n" not in str(failure.value)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_shard_sends_every_source_that_can_make_the_top(method):
+    """``contenders`` against brute force: this shard's sources, merged with random other
+    shards (other spreads, so other standardisations; ties; sources without a domain vector,
+    in either place), never put a source in the top that the shard left out."""
+    from esm_index import query as query_path
+    from esm_index.shard_query import contenders
+
+    rng = np.random.default_rng(METHODS.index(method))
+    pruned = 0
+    for _ in range(400):
+        n, k, m = int(rng.integers(1, 30)), int(rng.integers(1, 7)), int(rng.integers(0, 30))
+        mine = np.stack([rng.integers(0, 5, n).astype(float), rng.standard_normal(n)])[rng.permutation(2)]
+        mine[1, rng.random(n) < 0.2] = np.nan  # rows: ESM-LogME, domain (either may have ties)
+        other = rng.standard_normal((2, m)) * rng.uniform(0.1, 3, (2, 1)) + rng.uniform(-2, 2, (2, 1))
+        other[1, rng.random(m) < rng.uniform(0, 0.5)] = np.nan
+        kept = set(contenders(mine[0], mine[1], method, k).tolist())
+        for first in (True, False):
+            logme, domain = np.concatenate([mine, other] if first else [other, mine], axis=1)
+            if method == "domain" and not np.isfinite(domain).any():
+                continue
+            _, scores = query_path.combine(logme, domain, method)
+            start = 0 if first else m
+            top = [j - start for j in query_path.top_order(scores, logme, k) if start <= j < start + n]
+            assert set(top) <= kept
+        pruned += len(kept) < n
+    assert pruned > 100  # a filter, not everything
