@@ -301,6 +301,10 @@ def _rank_remote(url: str, folder, target_file, text_cols, label_cols, task, opt
 @friendly
 def serve(indexes, host, port, token, workers, threads_per_query, max_body_mb, max_rows, max_targets, no_warm):
     """Serve indexes over HTTP with JSON, keeping the model and prefilters warm (see server.py)."""
+    # Before numpy loads: no transparent-huge-page advice on large arrays. A query allocates
+    # tens of MB of maps afresh, and the kernel compacting memory for huge pages on first
+    # touch set the tail, worst right after an embedding (BENCHMARKS.md §7)
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     from .checks import check_positive
     from .server import Limits, serve as run_server
 
