@@ -2,6 +2,7 @@
 one-line errors with exit code 2 for bad input."""
 
 import numpy as np
+import pytest
 
 from conftest import SAMPLES, cli_json, one_line_error, random_esms
 from esm_index.cli import main
@@ -108,3 +109,20 @@ def test_add_fine_tunes_and_adds_a_source(runner, index_dir):
     (source,) = cli_json(runner.invoke(main, ["list", str(index_dir), "--json"]))
     assert source["name"] == "sms" and source["language"] == "en" and source["tags"] == ["spam"]
     assert source["label_names"] == ["ham", "spam"] and source["num_examples"] == 300
+
+
+def test_only_esm_index_itself_counts_its_process_age_as_start_up(monkeypatch):
+    """``timings.startup`` is the process's age for the console script and ``python -m
+    esm_index(.cli)``, but not for a host that runs the CLI, such as ``python -m pytest``
+    (whose argv[0] is also a __main__.py): there the command's own time starts at zero."""
+    import sys
+    from pathlib import Path
+
+    import esm_index.cli as cli
+
+    package = Path(cli.__file__).resolve().parent
+    for argv0, itself in [("/usr/local/bin/esm-index", True), (str(package / "__main__.py"), True),
+                          (str(package / "cli.py"), True), (str(Path(pytest.__file__).parent / "__main__.py"), False),
+                          ("ipykernel_launcher.py", False)]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        assert cli._is_the_command() is itself, argv0
