@@ -133,7 +133,7 @@ def _reduce_kernel_side(r, weights, biases, z, lwork, dtrmm, dgemm, dsyrk, dsytr
         k = np.empty((m, p))  # C order (D, p) = column-major p x D: W~^T; its first q rows become K
         k[:, :d] = weights[b]
         k[:, d] = biases[b]
-        tail = k[:, q:].copy()  # W~^T[q:] (column-major, leading dimension p - q), before K overwrites
+        tail = k[:, q:].copy()  # W~^T[q:] apart (leading dimension p - q): dgemm's B must not share k with its C
         a = np.zeros((q, q))  # column-major q x q
         ints = np.array([p, m, q, p - q], dtype=np.int32)
         dbl = np.array([1.0, 0.0])

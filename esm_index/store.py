@@ -60,8 +60,9 @@ def _id(key: bytes) -> int:
 
 def _float32(*stacks) -> tuple[np.ndarray, ...]:
     """Each sequence of stored arrays stacked as float32, exactly. Cast one array at a time:
-    torch casts a cache-sized float16 array several times faster than numpy does, or than it
-    casts a whole stack (64 maps: 5 ms against 24 ms; BENCHMARKS.md section 7)."""
+    torch casts a cache-sized float16 array faster than it casts a whole stack (64 maps of
+    the 10k bench pool, allocation included, timed in one process on the loaded 2-core VM:
+    14 ms against 19 ms)."""
     out = []
     for arrays in stacks:
         stored = np.stack(arrays)  # a writable copy (the arrays are read-only views of LMDB's bytes)
