@@ -32,25 +32,15 @@ set is ever materialised. The QR also picks the cheaper side of n vs d for us.
 The pieces, in the order a score is computed:
 
     TargetStats        the target, once: R, Q^T Y and |y|^2
-    _gram              per source: the Gram matrix of K and the matching right-hand side
-    EigTerms,          the spectrum (sigma, keep) and the sums m2, res2 at any t, from the
-    TridiagonalTerms     Gram matrices: the two backends below
+    gram_and_rhs,      per source: the Gram matrix of K and the matching right-hand side;
+    EigTerms,          its spectrum (sigma, keep) and the sums m2, res2 at any t, by one of
+    TridiagonalTerms     two backends (spectrum.py; ``choose_backend`` picks it)
     fixed_point        the iteration above on every (source, label column) pair, then L / n
     score_esms,        the entry points: full maps, or small Gram matrices of projected
     score_grams          targets (summary.py)
 
-Backends. ``choose_backend`` is the one place a backend is picked:
-
-    "eigh"         a batched eigendecomposition of each Gram, vectors included, so x = U^T y
-                   is explicit and m2, res2 are dense sums. Runs anywhere and is
-                   differentiable. Its fixed point is compiled on a CPU, each pair stopping
-                   on its own (``_kernels.dense_fixed_point``), and a batched torch loop
-                   elsewhere.
-    "tridiagonal"  A = H T H^T, the eigenvalues of T, and per step one shifted tridiagonal
-                   solve for m2 and res2 (no eigenvectors, see ``TridiagonalTerms``); CPU
-                   only. Its fixed point is the batched torch loop, the solves compiled
-                   (``_kernels.resolvent_sums``).
-
+The fixed point has two loops: compiled on a CPU for the "eigh" backend, each pair stopping
+on its own (``_kernels.dense_fixed_point``), and a batched torch loop for the rest.
 Both loops do the step above and nothing else; the tests check them against each other and
 against the reference.
 """
@@ -62,21 +52,19 @@ import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from .checks import label_matrix
-from .errors import InvalidArgumentError, InvalidESMError, InvalidTargetError, ModelMismatchError
+from .errors import InvalidESMError, InvalidTargetError, ModelMismatchError
+from .spectrum import COMPILED, EIGH, TRIDIAGONAL, EigTerms, TridiagonalTerms, choose_backend, gram_and_rhs
 
 MAX_STEPS = 50  # hfselect's limit on fixed-point steps
 RTOL = 1e-3  # hfselect's convergence test on t = alpha / beta
 EPS = 1e-5  # hfselect's regulariser in the alpha and beta updates
-RANK_TOL = 1e-10  # hfselect drops singular values at or below this (when n > D)
 
-EIGH, TRIDIAGONAL = "eigh", "tridiagonal"  # how the spectrum and the sums are computed
-COMPILED, TORCH = "compiled", "torch"  # which loop runs the fixed point
 EIGH_UP_TO = 64  # on a CPU, score_esms uses "eigh" for maps to at most this many dimensions
 
 
@@ -123,211 +111,6 @@ def check_esm_batch(weights: torch.Tensor, biases: torch.Tensor, dim: int) -> No
     if weights.numel() and not all(torch.isfinite(torch.stack(torch.aminmax(t))).all() for t in (weights, biases)):
         # aminmax propagates NaN and shows an infinity: one pass, no float64 copy
         raise InvalidESMError("ESM weights contain NaN or infinity")
-
-
-def _gram(target: TargetStats, weights: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The Gram matrix whose spectrum decides the score, and the matching right-hand side.
-
-    K = R [W, b]^T (rq x D). Kernel side (rq <= D, small targets): A = K K^T and z = Q^T y.
-    Feature side (n > D): A = K^T K and z = K^T Q^T y (= F^T y); there x_i = v_i^T z / s_i.
-    Float64 throughout: a float32 Gram moves the scores visibly (BENCHMARKS.md section 1).
-    """
-    w, b = weights.to(target.r), biases.to(target.r)
-    k = target.r[:, :-1] @ w.transpose(1, 2) + target.r[:, -1:] * b.unsqueeze(1)  # R [W, b]^T: (B, rq, D)
-    if k.shape[1] <= k.shape[2]:
-        return k @ k.transpose(1, 2), target.qty.expand(k.shape[0], -1, -1), True
-    kt = k.transpose(1, 2)
-    return kt @ k, kt @ target.qty, False
-
-
-class Backend(NamedTuple):
-    """How a batch is scored: ``spectrum`` (EIGH or TRIDIAGONAL: which terms class computes
-    sigma, m2 and res2) and ``loop`` (COMPILED or TORCH: which loop runs the fixed point)."""
-
-    spectrum: str
-    loop: str
-
-
-def choose_backend(device: torch.device, size: int, requested: str = "auto", *, eigh_up_to: int,
-                   tridiagonal_ok: bool = True) -> Backend:
-    """The backend for Gram matrices of ``size`` on ``device``: ``requested`` unless "auto";
-    "auto" is "eigh" off the CPU or for sizes up to ``eigh_up_to``, "tridiagonal" otherwise.
-    ``tridiagonal_ok`` False (a shape the tridiagonal reduction does not handle) means "eigh".
-    The compiled loop needs eigenvectors and a CPU; everything else runs the torch loop."""
-    if requested not in ("auto", EIGH, TRIDIAGONAL):
-        raise InvalidArgumentError(f"unknown scoring method {requested!r}; use 'auto', 'eigh' or 'tridiagonal'")
-    spectrum = requested
-    if spectrum == "auto":
-        spectrum = EIGH if device.type != "cpu" or size <= eigh_up_to else TRIDIAGONAL
-    if not tridiagonal_ok:
-        spectrum = EIGH
-    return Backend(spectrum, COMPILED if spectrum == EIGH and device.type == "cpu" else TORCH)
-
-
-def _kept(sigma: torch.Tensor, kernel_side: bool, drop_null: int) -> torch.Tensor:
-    """Which of the eigenvalues sigma (B, m), ascending, enter the sums, as hfselect counts
-    them. Kernel side (A = K K^T, n <= D): all n. Feature side (A = K^T K): those with a
-    singular value above RANK_TOL. ``drop_null``: the smallest ``drop_null`` of a kernel are
-    structural zeros of the feature side it stands in for (``score_grams``), left out."""
-    if drop_null:
-        return (torch.arange(sigma.shape[1], device=sigma.device) >= drop_null).expand_as(sigma)
-    if kernel_side:
-        return torch.ones_like(sigma, dtype=torch.bool)
-    return sigma.sqrt() > RANK_TOL
-
-
-def _dense_sums(sigma: torch.Tensor, x2: torch.Tensor, t: torch.Tensor,
-                res_x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """m2 and res2 of the module docstring, summed over dim 1 (the eigenvalues)."""
-    m2 = (sigma * x2 / (t + sigma) ** 2).sum(1)
-    res2 = (x2 / (1 + sigma / t) ** 2).sum(1) + res_x2
-    return m2, res2
-
-
-class EigTerms:
-    """The "eigh" backend: A = V diag(sigma) V^T for each Gram matrix, then x = U^T y and the
-    dense sums m2, res2 of the module docstring.
-
-    gram (B, m, m) and rhs (B, m, C) from ``_gram``: on the kernel side x = V^T (Q^T y); on the
-    feature side rhs is F^T y and x_i = v_i^T rhs / s_i. ``drop_null``: see ``_kept``.
-    Attributes: sigma, keep (B, m) (dropped eigenvalues are 0 in sigma), x2 (B, m, C) the
-    squared x (0 where dropped), res_x2 (B, C) = |y|^2 - |x|^2.
-    """
-
-    def __init__(self, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool, yy: torch.Tensor,
-                 drop_null: int = 0) -> None:
-        if gram.device.type == "cpu" and not gram.requires_grad:  # numpy's batched eigh is faster on small CPU matrices
-            sigma, vecs = (torch.from_numpy(a) for a in np.linalg.eigh(gram.numpy()))
-        else:
-            sigma, vecs = torch.linalg.eigh(gram)
-        sigma = sigma.abs()  # hfselect takes an SVD of the Gram: rounding noise counts as |lambda|
-        self.keep = _kept(sigma, kernel_side, drop_null)
-        proj = vecs.transpose(1, 2) @ rhs  # (B, m, C)
-        if not kernel_side:
-            proj = proj / torch.where(self.keep, sigma.sqrt(), 1.0).unsqueeze(-1)
-        if drop_null or not kernel_side:
-            proj = torch.where(self.keep.unsqueeze(-1), proj, 0.0)
-        self.sigma = torch.where(self.keep, sigma, 0.0)
-        self.x2 = proj * proj
-        self.res_x2 = yy.unsqueeze(0) - self.x2.sum(1)
-        self.shape = (self.x2.shape[0], self.x2.shape[2])  # (sources, label columns)
-
-    def sums(self, t: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """m2 and res2 (B, C) at t (B, C); with ``active`` (B, C), only for those pairs (the
-        others are 0). Differentiable."""
-        if active is None:
-            return _dense_sums(self.sigma.unsqueeze(-1), self.x2, t.unsqueeze(1), self.res_x2)
-        b, c = active.nonzero(as_tuple=True)
-        m2, res2 = _dense_sums(self.sigma[b], self.x2[b, :, c], t[b, c].unsqueeze(1), self.res_x2[b, c])
-        zeros = torch.zeros_like(t)
-        return zeros.index_put((b, c), m2), zeros.index_put((b, c), res2)
-
-
-class TridiagonalTerms:
-    """The "tridiagonal" backend: the same sums without eigenvectors, on the CPU.
-
-    Tridiagonalising A = H T H^T is cheaper than an eigendecomposition with vectors. The fixed
-    point needs the eigenvalues (for gamma and log det: those of T, by dsterf) and two
-    quadratic forms in the resolvent, which one shifted tridiagonal solve
-    w = (T + tI)^-1 H^T z gives per (source, label column) in O(m):
-
-        feature side: m2 = |w|^2,              res2 = |y|^2 - z.w - t |w|^2
-        kernel side:  m2 = z.w - t |w|^2,      res2 = t^2 |w|^2 + |y|^2 - |z|^2
-
-    Build it with ``feature_side`` (n > D: Gram, reduction and all, compiled and run in
-    parallel over sources), ``kernel_side`` (small targets: a small Gram per source) or
-    ``from_grams`` (given kernels). Attributes: sigma, keep (B, m) as in ``EigTerms``.
-    """
-
-    def __init__(self, diag: np.ndarray, off: np.ndarray, z: np.ndarray, sigma: np.ndarray,
-                 kernel_side: bool, yy: torch.Tensor, drop_null: int = 0) -> None:
-        self.diag, self.off, self.z = diag, off, z  # (B, m), (B, m-1), (B, C, m)
-        sigma = torch.from_numpy(sigma).abs()  # as in EigTerms
-        self.keep = _kept(sigma, kernel_side, drop_null)
-        self.sigma = torch.where(self.keep, sigma, 0.0)
-        self.kernel_side = kernel_side
-        self.yy = yy.cpu().numpy()[None, :]
-        self.zz = (self.z * self.z).sum(2)
-        self.shape = (z.shape[0], z.shape[1])  # (sources, label columns)
-
-    @classmethod
-    def feature_side(cls, target: TargetStats, chunks) -> "TridiagonalTerms":
-        """K = R [W,b]^T, A = K^T K, its reduction and H^T K^T Q^T y, per source in float64."""
-        from scipy.linalg import lapack
-        from threadpoolctl import threadpool_limits
-
-        from ._kernels import reduce_feature_side
-
-        r = np.ascontiguousarray(target.r.cpu().numpy())
-        rt_qty = target.r.T @ target.qty  # K^T Q^T y = [W,b] (R^T Q^T y)
-        parts = []
-        for w, b in chunks:
-            w_aug = torch.cat([w, b.unsqueeze(-1)], dim=2).to(torch.float64)
-            z = (w_aug @ rt_qty).transpose(1, 2).contiguous().numpy()
-            lwork = int(lapack.dsytrd_lwork(w_aug.shape[1], lower=1)[0])
-            with threadpool_limits(1):  # one BLAS thread per source, sources in parallel
-                diag, off, sigma = reduce_feature_side(r, w_aug.numpy(), z, lwork)
-            parts.append((diag, off, z, sigma))
-        diag, off, z, sigma = (np.concatenate(p) for p in zip(*parts))
-        return cls(diag, off, z, sigma, False, target.yy)
-
-    @classmethod
-    def from_grams(cls, gram: torch.Tensor, rhs: torch.Tensor, yy: torch.Tensor,
-                   drop_null: int = 0) -> "TridiagonalTerms":
-        """Kernel-side terms of given Gram matrices (B, m, m), m > 1, and right-hand sides
-        (B, m, C), reduced in parallel by a compiled loop over LAPACK (dsytrd, dormqr, dsterf).
-        ``drop_null``: see ``_kept``."""
-        from scipy.linalg import lapack
-        from threadpoolctl import threadpool_limits
-
-        from ._kernels import reduce_symmetric
-
-        z = np.ascontiguousarray(rhs.transpose(1, 2).numpy(), dtype=np.float64)
-        lwork = int(lapack.dsytrd_lwork(gram.shape[1], lower=1)[0])
-        with threadpool_limits(1):
-            diag, off, sigma = reduce_symmetric(np.ascontiguousarray(gram.numpy(), dtype=np.float64), z, lwork)
-        return cls(diag, off, z, sigma, True, yy, drop_null)
-
-    @classmethod
-    def kernel_side(cls, target: TargetStats, chunks) -> "TridiagonalTerms":
-        """A = K K^T (n x n, n small) per source: K by a triangular and a dense product (R is
-        upper-trapezoidal), A by a symmetric rank-k update and its reduction, compiled and run
-        in parallel over sources, in float64 (``_kernels.reduce_kernel_side``)."""
-        from scipy.linalg import lapack
-        from threadpoolctl import threadpool_limits
-
-        from ._kernels import reduce_kernel_side
-
-        r = np.ascontiguousarray(target.r.cpu().numpy())
-        qty = target.qty.T.cpu().numpy()  # (C, q): every source starts from Q^T y
-        lwork = int(lapack.dsytrd_lwork(r.shape[0], lower=1)[0])
-        parts = []
-        for w, b in chunks:
-            z = np.ascontiguousarray(np.broadcast_to(qty, (w.shape[0], *qty.shape)))
-            with threadpool_limits(1):  # one BLAS thread per source, sources in parallel
-                diag, off, sigma = reduce_kernel_side(r, _numba_float(w), _numba_float(b), z, lwork)
-            parts.append((diag, off, z, sigma))
-        diag, off, z, sigma = (np.concatenate(p) for p in zip(*parts))
-        return cls(diag, off, z, sigma, True, target.yy)
-
-    def sums(self, t: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """m2 and res2 (B, C) at t (B, C); with ``active`` (B, C), solved only for those pairs
-        (the others hold no meaningful value)."""
-        from ._kernels import resolvent_sums
-
-        tn = t.numpy()
-        mask = np.ones(tn.shape, dtype=np.bool_) if active is None else active.numpy()
-        zw, ww = resolvent_sums(self.diag, self.off, self.z, tn, mask)
-        if self.kernel_side:
-            m2, res2 = zw - tn * ww, tn * tn * ww + self.yy - self.zz
-        else:
-            m2, res2 = ww, self.yy - zw - tn * ww
-        return torch.from_numpy(m2), torch.from_numpy(res2)
-
-
-def _numba_float(t: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as an array the compiled kernels take (numba has no float16)."""
-    return (t.float() if t.dtype not in (torch.float32, torch.float64) else t).numpy()
 
 
 def fixed_point(terms: EigTerms | TridiagonalTerms, n: int, out_dim: int, *, loop: str, extra_zeros: int = 0,
@@ -419,7 +202,7 @@ def score_esms(
         return fixed_point(terms, target.n, out_dim, loop=backend.loop, extra_zeros=extra, weight=target.weight).numpy()
     out = []
     for w, b in chunks:
-        terms = EigTerms(*_gram(target, w, b), target.yy)
+        terms = EigTerms(*gram_and_rhs(target, w, b), target.yy)
         out.append(fixed_point(terms, target.n, out_dim, loop=backend.loop, extra_zeros=extra,
                                weight=target.weight).cpu())
     return torch.cat(out).numpy()

@@ -274,7 +274,8 @@ def test_compiled_loop_equals_the_torch_loop(kernel_side, drop_null):
     """The CPU runs each (source, column) pair's fixed point compiled, stopping it on its own;
     the torch loop (GPU) steps every pair together, asking only the unfinished ones for their
     sums. Same numbers."""
-    from esm_index.logme import COMPILED, TORCH, EigTerms, fixed_point
+    from esm_index.logme import fixed_point
+    from esm_index.spectrum import COMPILED, TORCH, EigTerms
 
     gram, rhs, yy = _grams(0)
     terms = EigTerms(gram, rhs, kernel_side, yy, drop_null=drop_null)
@@ -285,7 +286,7 @@ def test_compiled_loop_equals_the_torch_loop(kernel_side, drop_null):
 
 
 def test_eig_terms_sum_only_the_active_pairs():
-    from esm_index.logme import EigTerms
+    from esm_index.spectrum import EigTerms
 
     gram, rhs, yy = _grams(1)
     terms = EigTerms(gram, rhs, True, yy)
@@ -301,7 +302,7 @@ def test_eig_terms_sum_only_the_active_pairs():
 def test_tridiagonal_terms_equal_eig_terms(drop_null):
     """The resolvent solves give the dense sums without eigenvectors, and the same spectrum
     (``drop_null`` leaves out eigenvalues that are structural zeros, as in ``score_grams``)."""
-    from esm_index.logme import EigTerms, TridiagonalTerms
+    from esm_index.spectrum import EigTerms, TridiagonalTerms
 
     gram, rhs, yy = _grams(4, rank=20 - drop_null)
     dense, tri = EigTerms(gram, rhs, True, yy, drop_null), TridiagonalTerms.from_grams(gram, rhs, yy, drop_null)
@@ -336,7 +337,7 @@ def test_small_grams_score_the_features_they_stand_for(n, k, out_dim):
 
 
 def test_the_backend_table():
-    from esm_index.logme import COMPILED, EIGH, TORCH, TRIDIAGONAL, Backend, choose_backend
+    from esm_index.spectrum import COMPILED, EIGH, TORCH, TRIDIAGONAL, Backend, choose_backend
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert choose_backend(cpu, 64, eigh_up_to=64) == Backend(EIGH, COMPILED)

@@ -35,6 +35,7 @@ def main() -> None:
     import torch
 
     from esm_index import logme as L
+    from esm_index import spectrum as S
     from esm_index.index import SourceIndex
     from esm_index.tables import read_target
 
@@ -55,8 +56,8 @@ def main() -> None:
         raise SystemExit(f"{len(texts)} rows: not a small target (the kernel side needs n <= {w.shape[1]})")
 
     def torch_gram() -> np.ndarray:
-        terms = L.TridiagonalTerms.from_grams(*L._gram(target, w, b)[:2], target.yy)
-        return L.fixed_point(terms, target.n, w.shape[1], loop=L.TORCH, weight=target.weight).numpy()
+        terms = S.TridiagonalTerms.from_grams(*S.gram_and_rhs(target, w, b)[:2], target.yy)
+        return L.fixed_point(terms, target.n, w.shape[1], loop=S.TORCH, weight=target.weight).numpy()
 
     def compiled() -> np.ndarray:
         return L.score_esms(target, w, b)
