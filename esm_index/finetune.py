@@ -167,16 +167,17 @@ def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bo
 
 
 def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
-                     progress: bool = False, other_texts: Sequence = ()):
+                     progress: bool = False, other_texts: Sequence = (), other_base: np.ndarray | None = None):
     """Fine-tune on ``data`` and fit its ESM: (the ESM, the fine-tuned encoder). Timings and
-    settings land in ``esm.meta``."""
+    settings land in ``esm.meta``. ``other_base``: the base embeddings of ``other_texts``,
+    when the caller has them (``SourceIndex.add`` keeps them in its embedding cache)."""
     cfg = cfg or FinetuneConfig()
     t0 = time.perf_counter()
     tuned = finetune(embedder, data, cfg, progress=progress)
     t1 = time.perf_counter()
     fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.fit_examples]
     esm = esm_from_models(embedder, tuned, [data.texts[i] for i in fit_idx], progress=progress,
-                          other_texts=other_texts)
+                          other_texts=other_texts, other_base=other_base)
     t2 = time.perf_counter()
     esm.meta.update({
         "finetune": {**asdict(cfg), "examples": min(len(data), cfg.max_examples),

@@ -213,7 +213,9 @@ class SourceIndex:
                  "minutes on a CPU", len(data), name, config.max_examples, config.epochs)
         # fitted on other kinds of text too, as the shipped pool's maps are (finetune.esm_from_models)
         other = FIT_TEXTS.read_text(encoding="utf-8").splitlines()
-        esm = finetune_and_fit(embedder, data, config, progress=progress, other_texts=other)[0]
+        # their base embeddings are the same for every source added: cached after the first
+        esm = finetune_and_fit(embedder, data, config, progress=progress, other_texts=other,
+                               other_base=self.embed(other))[0]
         esm.meta.update({"task_id": name, "num_examples": len(data), "label_names": data.label_names, **(meta or {})})
         if replace:  # only now that the new map exists
             self.store.remove([name])
