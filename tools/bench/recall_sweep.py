@@ -28,16 +28,19 @@ def main() -> None:
     ap.add_argument("pool", type=Path)
     ap.add_argument("settings", nargs="+", help="default, or CANDIDATES/REFINE/SHORTLIST (e.g. 256/64/32)")
     ap.add_argument("--targets", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=shared.TARGET_ROWS,
+                    help="held-out rows per target (fewer where a task has fewer)")
     ap.add_argument("--exact-cache", type=Path, default=None, help="npz of exact scores to reuse or write")
     args = ap.parse_args()
     options = {setting: shared.parse_setting(setting) for setting in args.settings}  # refuse a typo before the scan
     index = SourceIndex(args.pool, readonly=True)
     index.prefilter()
-    tasks = shared.targets(index, args.targets)
+    tasks = shared.targets(index, args.targets, rows=args.rows)
     ids, exact = shared.exact_scores(index, tasks, args.exact_cache)
     for setting in args.settings:
         hits, latency, ranking = shared.recall_at5(index, tasks, ids, exact, **options[setting])
-        print(f"{setting}: recall@5 {np.mean(hits):.3f} {hits} p50 {np.median(latency):.3f} s, "
+        per_target = {name: hit for (name, _, _), hit in zip(tasks, hits)}
+        print(f"{setting}: recall@5 {np.mean(hits):.3f} {per_target} p50 {np.median(latency):.3f} s, "
               f"last timings {ranking.timings}", flush=True)
 
 
