@@ -167,7 +167,8 @@ def import_(folder, esm_folders, name_from):
     with _open(folder) as index:
         added, skipped = index.add_esms(items(index))
         index.rebuild()
-    click.echo(f"imported {added}, skipped {skipped} already present, {len(failures)} failed; {folder} holds {added + skipped} of them")
+    click.echo(f"imported {added}, skipped {skipped} already present, {len(failures)} failed; "
+               f"{folder} holds {added + skipped} of them")
     if failures:
         for line in failures:
             click.echo(f"error: {line}", err=True)

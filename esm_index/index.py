@@ -152,10 +152,12 @@ class SourceIndex:
         """Raise unless ``esm`` fits this index's base model and dimension."""
         esm.validate(self.manifest["dim"])
         if esm.out_dim != self.manifest["out_dim"]:
-            raise ModelMismatchError(f"ESM maps to {esm.out_dim} dimensions, the index holds {self.manifest['out_dim']}")
+            raise ModelMismatchError(f"ESM maps to {esm.out_dim} dimensions, "
+                                     f"the index holds {self.manifest['out_dim']}")
         base = esm.meta.get("base_model_name")
         if base and base != self.spec.model_name:
-            raise ModelMismatchError(f"ESM was made for base model {base!r}, this index is for {self.spec.model_name!r}")
+            raise ModelMismatchError(f"ESM was made for base model {base!r}, "
+                                     f"this index is for {self.spec.model_name!r}")
 
     def add_esms(self, items: Iterable[tuple[str, ESM]], batch_size: int = 64,
                  on_batch: Callable[[int], None] | None = None) -> tuple[int, int]:
@@ -169,7 +171,8 @@ class SourceIndex:
             nonlocal added, skipped
             if not batch:
                 return
-            summaries = summarize(np.stack([e.weight for _, e in batch]), np.stack([e.bias for _, e in batch]), self.probe)
+            weights, biases = np.stack([e.weight for _, e in batch]), np.stack([e.bias for _, e in batch])
+            summaries = summarize(weights, biases, self.probe)
             meta = [_source_meta(e) for _, e in batch]
             with one_blas_thread():  # one limiter for a batch, not one per map the encoding factors
                 ids = self.store.add(NewSource(n, e.weight, e.bias, m, s)

@@ -51,11 +51,21 @@ class Plan:
     directions: tuple[int, int, int]  # (FAISS, approximate, refining)
 
 
-def plan(pool_size: int) -> Plan:
+def plan(pool_size: int, small_target: bool = False) -> Plan:
     """The default stages for a pool. A larger pool has more near-ties at the top, which only
     finer approximations separate, so it keeps more directions and passes more sources on
-    (the sizes were measured at 10k and 100k sources: BENCHMARKS.md section 6)."""
+    (the sizes were measured at 10k and 100k sources: BENCHMARKS.md section 6).
+
+    ``small_target``: no more examples than the maps have output dimensions (LogME's kernel
+    side, n <= D). All n of such a target's directions enter its score, and the top 32 that
+    the cheap stages keep say less about it. At 10k, with the plain plan, a 77-example target
+    lost its whole exact top-5 in the FAISS stage, a 112-example one in the refining stage,
+    and a 150-example one a fifth in the approximate stage; twice the sources passed on and
+    64 refining directions kept every top-5 (BENCHMARKS.md section 6). The larger plan for
+    pools past 20k is the same for every target size."""
     if pool_size <= LARGE_POOL:
+        if small_target:
+            return Plan(candidates=512, refine=128, directions=(32, 32, 64))
         return Plan(candidates=256, refine=64, directions=(32, 32, 32))
     return Plan(candidates=768, refine=384, directions=(64, 64, 128))
 

@@ -38,6 +38,20 @@ from .summary import TargetView, approximate_scores, refining_scores
 
 HIDDEN_META = ("name", "fit", "finetune", "embedding", DOMAIN_KEY)  # kept in the store, not in results
 STAGES = ("faiss", "approximate", "refining")  # the prefilter's stages, in order
+# Targets of up to this many examples kept their whole exact top-5 through the prefilter on a
+# 10k pool of strongly fine-tuned maps; larger ones lost much of it (BENCHMARKS.md section 6)
+PREFILTER_MEASURED_UP_TO = 150
+
+
+def prefilter_warning(n: int, prefiltered: bool) -> list[str]:
+    """The warning a ranking carries when the prefilter chose its shortlist for a target
+    larger than it was found reliable for; --exact scores every source instead."""
+    if not prefiltered or n <= PREFILTER_MEASURED_UP_TO:
+        return []
+    return [f"the prefilter chose which sources were scored exactly, and for targets of more than "
+            f"{PREFILTER_MEASURED_UP_TO} examples it can miss the best ones (on a 10,000-source test pool "
+            f"it kept 83 % of the exact top-5 at 300 examples, 13 % at 500; BENCHMARKS.md §6): "
+            f"--exact scores every source"]
 
 
 class Timer:
@@ -80,6 +94,7 @@ def run(index, x, labels, task: str, query: Query) -> Ranking:
         method, scores = combine(scored.logme, scored.domain, query.method)
         order = top_order(scores, scored.logme, query.top)
         metas = index.store.metas(scored.found.ids[order])
+        warnings += prefilter_warning(len(x), bool(scored.found.stage_scores["approximate"]))
         return Ranking(results(scored.found, order, metas, scores, scored.logme, scored.domain),
                        pool_size=scored.pool_size, timings=scored.timings, target=about, warnings=warnings,
                        method=method)
@@ -106,7 +121,8 @@ def score(index, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> 
         found, logme, domain = scan_stage(index.store, target, x, allowed, timer)
     else:
         prefilter, probe = index.prefilter(), index.probe
-        stages, view = plan(pool_size), TargetView(target)
+        small_target = target.r.shape[0] <= index.manifest["out_dim"]  # the kernel side (logme.py)
+        stages, view = plan(pool_size, small_target), TargetView(target)
         candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
         faiss_k, approximate_k, refining_k = stages.directions
         timer.lap("prepare")

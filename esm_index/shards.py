@@ -306,7 +306,8 @@ class ShardedIndex:
         else:
             parts = [score_shard(shard, x, labels, task, query) for shard in self.shards]
         t1 = time.perf_counter()
-        ranking = merge(parts, query, about, warnings)
+        prefiltered = any(np.isfinite(p.stages["approximate"]).any() for p in parts)
+        ranking = merge(parts, query, about, warnings + query_path.prefilter_warning(len(x), prefiltered))
         ranking.timings = {"shards": round(t1 - t0, 4), "merge": round(time.perf_counter() - t1, 4)}
         return ranking
 

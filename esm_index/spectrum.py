@@ -2,8 +2,8 @@
 that LogME's fixed point needs (logme.py's docstring has the formulas), by two backends.
 
 Per source the score depends only on the Gram matrix of K = R [W, b]^T (R from the QR of the
-target's [X, 1]) and a matching right-hand side (``gram_and_rhs``). Two ways to get what the fixed
-point asks of that Gram matrix:
+target's [X, 1]) and a matching right-hand side (``gram_and_rhs``). Two ways to get what
+the fixed point asks of that Gram matrix:
 
     EigTerms          "eigh": a batched eigendecomposition with vectors, so x = U^T y is
                       explicit and m2, res2 are dense sums. Runs anywhere, differentiable.
@@ -33,7 +33,8 @@ EIGH, TRIDIAGONAL = "eigh", "tridiagonal"  # how the spectrum and the sums are c
 COMPILED, TORCH = "compiled", "torch"  # which loop runs the fixed point
 
 
-def gram_and_rhs(target: TargetStats, weights: torch.Tensor, biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def gram_and_rhs(target: TargetStats, weights: torch.Tensor,
+                 biases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The Gram matrix whose spectrum decides the score, and the matching right-hand side.
 
     K = R [W, b]^T (rq x D). Kernel side (rq <= D, small targets): A = K K^T and z = Q^T y.

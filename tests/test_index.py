@@ -246,3 +246,39 @@ def test_killed_import_loses_nothing_committed_and_resumes(index):
     assert sorted(s["name"] for s in resumed.sources()) == sorted(f"k{i}" for i in range(400))
     resumed.rebuild()
     assert resumed.verify() == []
+
+
+def test_a_target_with_no_more_examples_than_dimensions_gets_the_wider_plan(index):
+    """LogME weighs all n directions of a small target (n <= D), so up to 20k sources the
+    prefilter passes twice the sources on for it (prefilter.plan, BENCHMARKS.md §6): with a
+    pool past 512 sources, 512 leave the FAISS stage and 128 the approximate stage for 24
+    examples, 256 and 64 for 80, and the exact stage scores the same 32 either way."""
+    from esm_index import query
+    from esm_index.results import Query
+
+    _fill(index, 600)
+    index.rebuild()
+    texts, labels = _target(80)
+    x = index.embed(texts)
+    sizes = {}
+    for n in (24, 80):  # the tiny model's maps have 32 dimensions
+        scored = query.score(index, x[:n], labels[:n], "classification", Query(top=5, method="esm-logme"))
+        stages = scored.found.stage_scores
+        sizes[n] = (len(stages["faiss"]), len(stages["approximate"]), len(stages["refining"]), len(scored.logme))
+    assert sizes == {24: (512, 128, 32, 32), 80: (256, 64, 32, 32)}
+
+
+def test_a_prefiltered_ranking_of_a_large_target_says_so(index):
+    """Past 150 examples the prefilter lost exact top-5s on a 10k pool of strongly
+    fine-tuned maps (BENCHMARKS.md §6): such a ranking warns and points to --exact; an exact
+    one, or a smaller target's, does not."""
+    _fill(index, 40)  # more than the 32-source shortlist: the prefilter chooses
+    index.rebuild()
+    texts, labels = _target(160)
+    x = index.embed(texts)
+
+    def warned(n, **options):
+        ranking = index.rank_embeddings(x[:n], labels[:n], top=3, method="esm-logme", **options)
+        return any("--exact" in w for w in ranking.warnings)
+
+    assert warned(160) and not warned(150) and not warned(160, exact=True)

@@ -38,14 +38,18 @@ def main() -> None:
     ap.add_argument("--exact-cache", type=Path, required=True, help="npz of exact scores to reuse or write")
     ap.add_argument("--targets", type=int, default=8)
     ap.add_argument("--within", type=int, default=3000)
+    ap.add_argument("--rows", type=int, default=shared.TARGET_ROWS, help="held-out rows per target (as recall_sweep)")
+    ap.add_argument("--only", nargs="*", default=None, help="only these targets (task names)")
     args = ap.parse_args()
     index = SourceIndex(args.pool, readonly=True)
     prefilter, out_dim = index.prefilter(), index.manifest["out_dim"]
-    tasks = shared.targets(index, args.targets)
+    tasks = shared.targets(index, args.targets, rows=args.rows)
     ids, exact = shared.exact_scores(index, tasks, args.exact_cache)
     print("| target | FAISS k=32 | FAISS k=64 | approx k=32 | approx k=64 | refine k=32 | refine k=64 | refine k=128 |")
     print("|---|---|---|---|---|---|---|---|")
     for t, (name, x, y) in enumerate(tasks):
+        if args.only and name not in args.only:
+            continue
         view = TargetView(TargetStats.from_embeddings(x, y))
         order = np.argsort(-exact[t])
         truth, near = ids[order[:5]], ids[order[:args.within]]
