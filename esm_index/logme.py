@@ -99,6 +99,12 @@ class TargetStats:
         return cls(r=r, qty=q.T @ yt, yy=(yt * yt).sum(0), n=x.shape[0], dim=x.shape[1],
                    weight=None if weight is None else torch.as_tensor(weight))
 
+    def kernel_side(self, out_dim: int) -> bool:
+        """Whether maps to ``out_dim`` dimensions score this target on the kernel side: R has
+        no more rows than the maps have outputs (n <= D, a small target), so all its rows'
+        directions enter the score (``score_esms``; the prefilter plans for it, prefilter.plan)."""
+        return self.r.shape[0] <= out_dim
+
 
 def check_esm_batch(weights: torch.Tensor, biases: torch.Tensor, dim: int) -> None:
     """Refuse maps that would give a wrong answer instead of a score."""
@@ -190,7 +196,7 @@ def score_esms(
         return np.zeros(0)
     device = target.r.device
     out_dim, (rq, width) = weights.shape[1], target.r.shape
-    kernel_side = rq <= out_dim
+    kernel_side = target.kernel_side(out_dim)
     # n <= D, but [X, 1] has rank rq < n (a map wider than its input): the n x n kernel of F
     # has n - rq zero eigenvalues the rq x rq Gram lacks; hfselect keeps them (log det)
     extra = target.n - rq if kernel_side else 0

@@ -121,8 +121,7 @@ def score(index, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> 
         found, logme, domain = scan_stage(index.store, target, x, allowed, timer)
     else:
         prefilter, probe = index.prefilter(), index.probe
-        small_target = target.r.shape[0] <= index.manifest["out_dim"]  # the kernel side (logme.py)
-        stages, view = plan(pool_size, small_target), TargetView(target)
+        stages, view = plan(pool_size, target.kernel_side(index.manifest["out_dim"])), TargetView(target)
         candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
         faiss_k, approximate_k, refining_k = stages.directions
         timer.lap("prepare")

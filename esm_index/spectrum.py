@@ -97,8 +97,8 @@ class EigTerms:
     """The "eigh" backend: A = V diag(sigma) V^T for each Gram matrix, then x = U^T y and the
     dense sums m2, res2 of the module docstring.
 
-    gram (B, m, m) and rhs (B, m, C) from ``gram_and_rhs``: on the kernel side x = V^T (Q^T y); on the
-    feature side rhs is F^T y and x_i = v_i^T rhs / s_i. ``drop_null``: see ``_kept``.
+    gram (B, m, m) and rhs (B, m, C) from ``gram_and_rhs``: on the kernel side
+    x = V^T (Q^T y); on the feature side rhs is F^T y and x_i = v_i^T rhs / s_i. ``drop_null``: see ``_kept``.
     Attributes: sigma, keep (B, m) (dropped eigenvalues are 0 in sigma), x2 (B, m, C) the
     squared x (0 where dropped), res_x2 (B, C) = |y|^2 - |x|^2.
     """
