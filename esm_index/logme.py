@@ -214,7 +214,8 @@ def score_esms(
     return torch.cat(out).numpy()
 
 
-def score_grams(target: TargetStats, gram: torch.Tensor, out_dim: int, differentiable: bool = False) -> torch.Tensor:
+def score_grams(target: TargetStats, gram: torch.Tensor, out_dim: int, differentiable: bool = False,
+                tail: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (B,) of a target whose QR factor R has few columns (a projected target), from
     the small kernels A = R S R^T (B, rq, rq). This is the exact LogME of the n x out_dim
     features such a target's F would be: as hfselect does, all n kernel eigenvalues count when
@@ -224,16 +225,21 @@ def score_grams(target: TargetStats, gram: torch.Tensor, out_dim: int, different
     ``differentiable``: gradients flow to ``gram``. They do not go through the iterations:
     the fixed point is where the evidence is stationary in alpha and beta, so (envelope
     theorem) the evidence at the converged alpha, beta, held fixed, has the same gradient -
-    one backward pass through eigh instead of fifty through the loop."""
+    one backward pass through eigh instead of fifty through the loop.
+
+    ``tail`` (t,): the kernel is block diagonal, ``gram`` then diag(``tail``), the same for
+    every source; R has gram's rows plus t (summary.Pooled)."""
     kernel_side = target.n <= out_dim
-    null = 0 if kernel_side else gram.shape[1] - min(target.r.shape[1], out_dim)  # rank <= both
-    extra = target.n - gram.shape[1] if kernel_side else 0
+    size = gram.shape[1] + (0 if tail is None else len(tail))
+    null = 0 if kernel_side else size - min(target.r.shape[1], out_dim)  # rank <= both
+    extra = target.n - size if kernel_side else 0
     rhs = target.qty.expand(len(gram), -1, -1)
-    backend = choose_backend(gram.device, gram.shape[1], EIGH if differentiable else "auto", eigh_up_to=1)
+    backend = choose_backend(gram.device, gram.shape[1], EIGH if differentiable or tail is not None else "auto",
+                             eigh_up_to=1)
     if backend.spectrum == TRIDIAGONAL:
         terms = TridiagonalTerms.from_grams(gram, rhs, target.yy, drop_null=null)
     else:
-        terms = EigTerms(gram, rhs, True, target.yy, drop_null=null)
+        terms = EigTerms(gram, rhs, True, target.yy, drop_null=null, tail=tail)
     if not differentiable:
         return fixed_point(terms, target.n, out_dim, loop=backend.loop, extra_zeros=extra, weight=target.weight)
     with torch.no_grad():

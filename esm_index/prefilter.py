@@ -56,17 +56,20 @@ def plan(pool_size: int, small_target: bool = False) -> Plan:
     finer approximations separate, so it keeps more directions and passes more sources on
     (the sizes were measured at 10k and 100k sources: BENCHMARKS.md section 6).
 
-    ``small_target``: no more examples than the maps have output dimensions (LogME's kernel
-    side, n <= D). All n of such a target's directions enter its score, and the top 32 that
-    the cheap stages keep say less about it. At 10k, with the plain plan, a 77-example target
-    lost its whole exact top-5 in the FAISS stage, a 112-example one in the refining stage,
-    and a 150-example one a fifth in the approximate stage; twice the sources passed on and
-    64 refining directions kept every top-5 (BENCHMARKS.md section 6). The larger plan for
-    pools past 20k is the same for every target size."""
+    Up to 20k sources, measured on a 10k pool of strongly fine-tuned maps (BENCHMARKS.md
+    section 6). ``small_target``: no more examples than the maps have output dimensions
+    (LogME's kernel side, n <= D); all n of its directions enter its score. With 256 / 64
+    sources passed on and 32 directions, a 77-example target lost its whole exact top-5 in
+    the FAISS stage, a 112-example one in the refining stage; 512 / 128 and 64 refining
+    directions kept every top-5 of 16 targets of 77-150 examples. A large target (n > D) is
+    seen through the pool's mean map (summary.Pooled); 64 directions in every stage and the
+    same 512 / 128 kept 0.625 of the exact top-5 of 8 targets of 500 examples (32
+    directions: 0.45; 256 / 64: 0.225-0.375). The larger plan for pools past 20k is the same
+    for every target size and was measured with 150-example targets only."""
     if pool_size <= LARGE_POOL:
         if small_target:
             return Plan(candidates=512, refine=128, directions=(32, 32, 64))
-        return Plan(candidates=256, refine=64, directions=(32, 32, 32))
+        return Plan(candidates=512, refine=128, directions=(64, 64, 64))
     return Plan(candidates=768, refine=384, directions=(64, 64, 128))
 
 

@@ -50,7 +50,7 @@ def prefilter_warning(n: int, prefiltered: bool) -> list[str]:
         return []
     return [f"the prefilter chose which sources were scored exactly, and for targets of more than "
             f"{PREFILTER_MEASURED_UP_TO} examples it can miss the best ones (on a 10,000-source test pool "
-            f"it kept 83 % of the exact top-5 at 300 examples, 13 % at 500; BENCHMARKS.md §6): "
+            f"it kept 83 % of the exact top-5 at 300 examples, 63 % at 500; BENCHMARKS.md §6): "
             f"--exact scores every source"]
 
 
@@ -121,7 +121,8 @@ def score(index, x: np.ndarray, labels: np.ndarray, task: str, query: Query) -> 
         found, logme, domain = scan_stage(index.store, target, x, allowed, timer)
     else:
         prefilter, probe = index.prefilter(), index.probe
-        stages, view = plan(pool_size, target.kernel_side(index.manifest["out_dim"])), TargetView(target)
+        stages = plan(pool_size, target.kernel_side(index.manifest["out_dim"]))
+        view = TargetView(target, pool=(probe, prefilter.mean))
         candidates, refine = query.candidates or stages.candidates, query.refine or stages.refine
         faiss_k, approximate_k, refining_k = stages.directions
         timer.lap("prepare")

@@ -99,19 +99,27 @@ class EigTerms:
 
     gram (B, m, m) and rhs (B, m, C) from ``gram_and_rhs``: on the kernel side
     x = V^T (Q^T y); on the feature side rhs is F^T y and x_i = v_i^T rhs / s_i. ``drop_null``: see ``_kept``.
+    ``tail`` (t,): a kernel-side Gram that is block diagonal, ``gram`` then the fixed diagonal
+    ``tail`` (the same for every source), with rhs (B, m + t, C) (summary.Pooled).
     Attributes: sigma, keep (B, m) (dropped eigenvalues are 0 in sigma), x2 (B, m, C) the
     squared x (0 where dropped), res_x2 (B, C) = |y|^2 - |x|^2.
     """
 
     def __init__(self, gram: torch.Tensor, rhs: torch.Tensor, kernel_side: bool, yy: torch.Tensor,
-                 drop_null: int = 0) -> None:
+                 drop_null: int = 0, tail: torch.Tensor | None = None) -> None:
         if gram.device.type == "cpu" and not gram.requires_grad:  # numpy's batched eigh is faster on small CPU matrices
             sigma, vecs = (torch.from_numpy(a) for a in np.linalg.eigh(gram.numpy()))
         else:
             sigma, vecs = torch.linalg.eigh(gram)
+        proj = vecs.transpose(1, 2) @ rhs[:, :gram.shape[1]]  # (B, m, C)
+        if tail is not None:  # kernel side, Gram [[gram, 0], [0, diag(tail)]]: rhs's last rows are on tail
+            sigma = torch.cat([sigma, tail.to(sigma).expand(len(sigma), -1)], 1)
+            proj = torch.cat([proj, rhs[:, gram.shape[1]:]], 1)
         sigma = sigma.abs()  # hfselect takes an SVD of the Gram: rounding noise counts as |lambda|
+        if tail is not None:  # ascending, as eigh gives them (``_kept`` drops the smallest)
+            order = sigma.argsort(1)
+            sigma, proj = sigma.gather(1, order), proj.gather(1, order.unsqueeze(-1).expand_as(proj))
         self.keep = _kept(sigma, kernel_side, drop_null)
-        proj = vecs.transpose(1, 2) @ rhs  # (B, m, C)
         if not kernel_side:
             proj = proj / torch.where(self.keep, sigma.sqrt(), 1.0).unsqueeze(-1)
         if drop_null or not kernel_side:

@@ -25,12 +25,19 @@ The scores, from coarse to fine (prefilter.py chains them):
 * ``refining_scores``: the same on the target's own top-k directions in the full space,
   from full maps - the closest of them, for the last hundred or so candidates.
 
+A large target (more examples than the maps have outputs) is seen differently: every one of
+its directions enters its score, and the score on its top-k principal directions alone can
+order sources the other way (BENCHMARKS.md section 6). The three scores then take a source's
+metric on the k directions where the pool's mean map weighs the target most and the pool's
+mean elsewhere (``Pooled``, ``TargetView.pooled``).
+
 All of them are exact in the limit: with every direction kept they equal ESM-LogME (tested).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -110,18 +117,59 @@ def unvec(vectors: np.ndarray | torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ---- scores ----------------------------------------------------------------------------
+class Pooled(NamedTuple):
+    """A large target (more examples than the maps have outputs) as the cheap stages see it:
+    in the basis [V, T] of R's rows, V the top-k eigenvectors of the pool's mean kernel
+    R M_mean R^T. A source's kernel is taken as its own block on V and the pool mean's on T:
+
+        A_s ~ [[V^T R M_s R^T V, 0], [0, diag(tail)]],   V^T R M_s R^T V = lift^T M_s lift
+
+    Why: every direction of such a target enters its score. Keeping the target's top-k
+    principal directions only (the small-target approximation) drops the rest, and that
+    score was anti-correlated with the exact one (BENCHMARKS.md section 6); filling the rest
+    in with the pool's mean keeps the score's overall scale and leaves to the sources only
+    the k directions in which the pool's maps weigh the target most."""
+
+    target: TargetStats  # r = [V, T]^T R and qty = [V, T]^T Q^T y: the same target, rotated
+    lift: torch.Tensor  # ((d+1), k) R^T V
+    tail: torch.Tensor  # (rq - k,) the eigenvalues of R M_mean R^T outside V
+
+
 class TargetView:
     """What the cheap stages need from a target, from the QR of [X, 1] = Q R computed once
     per query: every projection below works on R (at most (d+1) x (d+1)), never on X again.
 
     [X, 1] P = Q (R P) and the ones column is Q R[:, -1], so the projected target [X P, 1]
-    has the QR of the small matrix [R P, R[:, -1]]; its principal directions are those of R."""
+    has the QR of the small matrix [R P, R[:, -1]]; its principal directions are those of R.
 
-    def __init__(self, stats: TargetStats) -> None:
+    ``pool``: the prefilter's probe U and mean summary S_mean, so that a large target is
+    seen through the pool's mean metric M_mean ~ U S_mean U^T (``pooled``)."""
+
+    def __init__(self, stats: TargetStats, pool: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.r = stats.r.detach().cpu().to(torch.float64)
         self.qty, self.yy, self.n = stats.qty.detach().cpu(), stats.yy.detach().cpu(), stats.n
         self.weight = None if stats.weight is None else stats.weight.detach().cpu()
+        self.pool = pool
         self._v = None
+        self._pooled: dict[int, Pooled] = {}
+
+    def pooled(self, k: int, out_dim: int) -> Pooled | None:
+        """The target as ``Pooled`` describes, or None for a small target (R has no more rows
+        than ``out_dim``: the principal directions serve it, BENCHMARKS.md section 6) or
+        without the pool's mean."""
+        if self.pool is None or self.r.shape[0] <= out_dim:
+            return None
+        k = min(k, self.r.shape[0])
+        if k not in self._pooled:  # once per query and k: one eigendecomposition of (d+1)^2
+            probe, mean = self.pool
+            ru = self.r @ torch.from_numpy(np.asarray(probe, np.float64))
+            kernel = ru @ unvec(np.asarray(mean, np.float32)[None], probe.shape[1])[0].double() @ ru.T
+            values, vectors = torch.linalg.eigh(kernel)
+            basis = vectors.flip(1)  # largest first
+            target = TargetStats(r=basis.T @ self.r, qty=basis.T @ self.qty, yy=self.yy, n=self.n,
+                                 dim=self.r.shape[1] - 1, weight=self.weight)
+            self._pooled[k] = Pooled(target, self.r.T @ basis[:, :k], values.flip(0)[k:].clone())
+        return self._pooled[k]
 
     @classmethod
     def from_embeddings(cls, x: np.ndarray, labels: np.ndarray, regression: bool = False) -> "TargetView":
@@ -180,10 +228,22 @@ def subspace_scores(target: TargetStats, metrics: torch.Tensor, out_dim: int, ba
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
+def pooled_scores(pooled: Pooled, blocks: torch.Tensor, out_dim: int, batch_size: int = 2048) -> np.ndarray:
+    """LogME of a large target from the sources' blocks lift^T M lift (B, k, k) (``Pooled``)."""
+    out = [score_grams(pooled.target, blocks[i:i + batch_size].to(torch.float64), out_dim, tail=pooled.tail)
+           for i in range(0, blocks.shape[0], batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
 def approximate_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarray, out_dim: int,
                    k: int = ADAPTED_DIM) -> np.ndarray:
     """The approximate stage: LogME on the target's own top-k directions within span(U), from
-    summaries alone (C^T S C per source)."""
+    summaries alone (C^T S C per source); for a large target, its ``Pooled`` blocks with
+    the lift taken within span(U) (C = U^T lift)."""
+    pooled = view.pooled(k, out_dim)
+    if pooled is not None:
+        c = torch.from_numpy(probe.astype(np.float64)).T @ pooled.lift
+        return pooled_scores(pooled, c.T @ unvec(summaries, probe.shape[1]).double() @ c, out_dim)
     coords = view.directions(k, probe)  # (k_U, a)
     target = view.project(probe.astype(np.float64) @ coords)
     c = torch.from_numpy(coords).float()
@@ -192,7 +252,14 @@ def approximate_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarra
 
 def refining_scores(view: TargetView, weights: np.ndarray, biases: np.ndarray, k: int = ADAPTED_DIM) -> np.ndarray:
     """The refining stage: LogME on the target's own top-k directions in the full space, from
-    full ESMs. Closest to the exact score, but it needs each source's whole map."""
+    full ESMs (for a large target, its ``Pooled`` blocks). Closest to the exact score, but it
+    needs each source's whole map."""
+    pooled = view.pooled(k, weights.shape[1])
+    if pooled is not None:
+        lift = pooled.lift.float()
+        wl = torch.as_tensor(weights) @ lift[:-1] + torch.as_tensor(biases).unsqueeze(-1) * lift[-1]  # [W, b] lift
+        wl = wl.double()
+        return pooled_scores(pooled, wl.transpose(1, 2) @ wl, weights.shape[1])
     directions = view.directions(k)
     p = torch.from_numpy(directions).float()
     wu = torch.as_tensor(weights) @ p[:-1] + torch.as_tensor(biases).unsqueeze(-1) * p[-1]  # [W, b] P, no copy of W
@@ -203,6 +270,15 @@ def centroid_scores(view: TargetView, probe: np.ndarray, mean: np.ndarray, basis
                     centroids: np.ndarray, out_dim: int, k: int = ADAPTED_DIM):
     """The approximate score f at summaries S = mean + sum_j c_j basis_j, one per row c of
     ``centroids`` (K, m), and its gradient in c: (f (K,), g (K, m))."""
+    pooled = view.pooled(k, out_dim)
+    if pooled is not None:
+        c = torch.from_numpy(probe.astype(np.float64)).T @ pooled.lift
+        mats = c.T @ unvec(np.vstack([mean[None], basis]), probe.shape[1]).double() @ c
+        z = torch.from_numpy(np.asarray(centroids, np.float64)).requires_grad_(True)
+        metrics = mats[0] + torch.einsum("kj,jab->kab", z, mats[1:])
+        f = score_grams(pooled.target, metrics, out_dim, differentiable=True, tail=pooled.tail)
+        (g,) = torch.autograd.grad(f.sum(), z)
+        return f.detach().numpy(), g.numpy()
     coords = view.directions(k, probe)
     target = view.project(probe.astype(np.float64) @ coords)
     c = torch.from_numpy(coords).float()

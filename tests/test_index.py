@@ -248,24 +248,31 @@ def test_killed_import_loses_nothing_committed_and_resumes(index):
     assert resumed.verify() == []
 
 
-def test_a_target_with_no_more_examples_than_dimensions_gets_the_wider_plan(index):
-    """LogME weighs all n directions of a small target (n <= D), so up to 20k sources the
-    prefilter passes twice the sources on for it (prefilter.plan, BENCHMARKS.md §6): with a
-    pool past 512 sources, 512 leave the FAISS stage and 128 the approximate stage for 24
-    examples, 256 and 64 for 80, and the exact stage scores the same 32 either way."""
+def test_small_and_large_targets_get_their_plans(index):
+    """Up to 20k sources the prefilter passes 512 sources on from the FAISS stage and 128 from
+    the approximate stage (prefilter.plan, BENCHMARKS.md §6). A target with more examples
+    than the maps have dimensions (80 > 32 here) is seen through the pool's mean map
+    (summary.Pooled): its refining scores are those of that view, a smaller one's are not."""
     from esm_index import query
+    from esm_index.logme import TargetStats
     from esm_index.results import Query
+    from esm_index.summary import TargetView, refining_scores
 
     _fill(index, 600)
     index.rebuild()
     texts, labels = _target(80)
     x = index.embed(texts)
-    sizes = {}
-    for n in (24, 80):  # the tiny model's maps have 32 dimensions
+    prefilter = index.prefilter()
+    for n, pooled in ((24, False), (80, True)):  # the tiny model's maps have 32 dimensions
         scored = query.score(index, x[:n], labels[:n], "classification", Query(top=5, method="esm-logme"))
         stages = scored.found.stage_scores
-        sizes[n] = (len(stages["faiss"]), len(stages["approximate"]), len(stages["refining"]), len(scored.logme))
-    assert sizes == {24: (512, 128, 32, 32), 80: (256, 64, 32, 32)}
+        assert (len(stages["faiss"]), len(stages["approximate"]), len(stages["refining"]),
+                len(scored.logme)) == (512, 128, 32, 32)
+        view = TargetView(TargetStats.from_embeddings(x[:n], labels[:n]), pool=(index.probe, prefilter.mean))
+        assert (view.pooled(64, 32) is not None) == pooled
+        ids = np.asarray(list(stages["refining"]))
+        _, w, b = index.store.esms(ids)
+        np.testing.assert_allclose(refining_scores(view, w, b, 64), [stages["refining"][i] for i in ids], atol=1e-9)
 
 
 def test_a_prefiltered_ranking_of_a_large_target_says_so(index):

@@ -50,7 +50,7 @@ def main() -> None:
     for t, (name, x, y) in enumerate(tasks):
         if args.only and name not in args.only:
             continue
-        view = TargetView(TargetStats.from_embeddings(x, y))
+        view = TargetView(TargetStats.from_embeddings(x, y), pool=(index.probe, prefilter.mean))
         order = np.argsort(-exact[t])
         truth, near = ids[order[:5]], ids[order[:args.within]]
         row = []
