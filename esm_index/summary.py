@@ -219,72 +219,68 @@ def _top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return values[::-1][:k], vectors[:, ::-1][:, :k]
 
 
-def subspace_scores(target: TargetStats, metrics: torch.Tensor, out_dim: int, batch_size: int = 2048) -> np.ndarray:
-    """Exact LogME of a projected target from the sources' metrics (B, k, k) on that subspace."""
-    out = []
-    for start in range(0, metrics.shape[0], batch_size):
-        gram = target.r @ metrics[start:start + batch_size].to(torch.float64) @ target.r.T
-        out.append(score_grams(target, gram, out_dim))
-    return torch.cat(out).numpy() if out else np.zeros(0)
+class StageScorer(NamedTuple):
+    """How a cheap stage scores sources from their metrics on a few directions P ((d+1), a),
+    P^T M P (B, a, a): the target's small Gram matrices from them, then LogME (score_grams).
+
+    Small target: P orthonormal, the target projected on span(P), Gram = R_P (P^T M P) R_P^T.
+    Large target (``Pooled``): P = R^T V, Gram = [[P^T M P, 0], [0, diag(tail)]]."""
+
+    target: TargetStats
+    directions: torch.Tensor  # ((d+1), a) float64
+    tail: torch.Tensor | None  # Pooled's fixed eigenvalues; None for a projected target
+
+    def scores(self, metrics: torch.Tensor, out_dim: int, differentiable: bool = False) -> torch.Tensor:
+        gram = metrics if self.tail is not None else self.target.r @ metrics @ self.target.r.T
+        return score_grams(self.target, gram, out_dim, differentiable, tail=self.tail)
+
+    def batched(self, metrics: torch.Tensor, out_dim: int, batch_size: int = 2048) -> np.ndarray:
+        out = [self.scores(metrics[i:i + batch_size].to(torch.float64), out_dim)
+               for i in range(0, metrics.shape[0], batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def pooled_scores(pooled: Pooled, blocks: torch.Tensor, out_dim: int, batch_size: int = 2048) -> np.ndarray:
-    """LogME of a large target from the sources' blocks lift^T M lift (B, k, k) (``Pooled``)."""
-    out = [score_grams(pooled.target, blocks[i:i + batch_size].to(torch.float64), out_dim, tail=pooled.tail)
-           for i in range(0, blocks.shape[0], batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0)
+def stage_scorer(view: TargetView, k: int, out_dim: int, probe: np.ndarray | None = None) -> StageScorer:
+    """The directions a stage scores a target on: for a large target its ``Pooled`` view;
+    otherwise its own top-k principal directions, within span(``probe``) when given."""
+    pooled = view.pooled(k, out_dim)
+    if pooled is not None:
+        return StageScorer(pooled.target, pooled.lift, pooled.tail)
+    if probe is None:
+        directions = view.directions(k)
+    else:
+        directions = probe.astype(np.float64) @ view.directions(k, probe)
+    return StageScorer(view.project(directions), torch.from_numpy(np.asarray(directions, np.float64)), None)
 
 
 def approximate_scores(view: TargetView, probe: np.ndarray, summaries: np.ndarray, out_dim: int,
-                   k: int = ADAPTED_DIM) -> np.ndarray:
-    """The approximate stage: LogME on the target's own top-k directions within span(U), from
-    summaries alone (C^T S C per source); for a large target, its ``Pooled`` blocks with
-    the lift taken within span(U) (C = U^T lift)."""
-    pooled = view.pooled(k, out_dim)
-    if pooled is not None:
-        c = torch.from_numpy(probe.astype(np.float64)).T @ pooled.lift
-        return pooled_scores(pooled, c.T @ unvec(summaries, probe.shape[1]).double() @ c, out_dim)
-    coords = view.directions(k, probe)  # (k_U, a)
-    target = view.project(probe.astype(np.float64) @ coords)
-    c = torch.from_numpy(coords).float()
-    return subspace_scores(target, c.T @ unvec(summaries, probe.shape[1]) @ c, out_dim)
+                       k: int = ADAPTED_DIM) -> np.ndarray:
+    """The approximate stage, from summaries alone: a source's metric on the stage's
+    directions P is C^T S C with C = U^T P (P lies in span(U) for a small target; for a
+    large one this keeps the part of P inside span(U))."""
+    scorer = stage_scorer(view, k, out_dim, probe)
+    c = torch.from_numpy(probe.astype(np.float64)).T @ scorer.directions  # (k_U, a)
+    return scorer.batched(c.T @ unvec(summaries, probe.shape[1]).double() @ c, out_dim)
 
 
 def refining_scores(view: TargetView, weights: np.ndarray, biases: np.ndarray, k: int = ADAPTED_DIM) -> np.ndarray:
-    """The refining stage: LogME on the target's own top-k directions in the full space, from
-    full ESMs (for a large target, its ``Pooled`` blocks). Closest to the exact score, but it
-    needs each source's whole map."""
-    pooled = view.pooled(k, weights.shape[1])
-    if pooled is not None:
-        lift = pooled.lift.float()
-        wl = torch.as_tensor(weights) @ lift[:-1] + torch.as_tensor(biases).unsqueeze(-1) * lift[-1]  # [W, b] lift
-        wl = wl.double()
-        return pooled_scores(pooled, wl.transpose(1, 2) @ wl, weights.shape[1])
-    directions = view.directions(k)
-    p = torch.from_numpy(directions).float()
-    wu = torch.as_tensor(weights) @ p[:-1] + torch.as_tensor(biases).unsqueeze(-1) * p[-1]  # [W, b] P, no copy of W
-    return subspace_scores(view.project(directions), wu.transpose(1, 2) @ wu, weights.shape[1])
+    """The refining stage, from full ESMs: a source's metric on the stage's directions P is
+    ([W, b] P)^T ([W, b] P). Closest to the exact score, but it needs each source's whole map."""
+    scorer = stage_scorer(view, k, weights.shape[1])
+    p = scorer.directions.float()
+    wp = torch.as_tensor(weights) @ p[:-1] + torch.as_tensor(biases).unsqueeze(-1) * p[-1]  # [W, b] P, no copy of W
+    wp = wp.double()
+    return scorer.batched(wp.transpose(1, 2) @ wp, weights.shape[1])
 
 
 def centroid_scores(view: TargetView, probe: np.ndarray, mean: np.ndarray, basis: np.ndarray,
                     centroids: np.ndarray, out_dim: int, k: int = ADAPTED_DIM):
     """The approximate score f at summaries S = mean + sum_j c_j basis_j, one per row c of
     ``centroids`` (K, m), and its gradient in c: (f (K,), g (K, m))."""
-    pooled = view.pooled(k, out_dim)
-    if pooled is not None:
-        c = torch.from_numpy(probe.astype(np.float64)).T @ pooled.lift
-        mats = c.T @ unvec(np.vstack([mean[None], basis]), probe.shape[1]).double() @ c
-        z = torch.from_numpy(np.asarray(centroids, np.float64)).requires_grad_(True)
-        metrics = mats[0] + torch.einsum("kj,jab->kab", z, mats[1:])
-        f = score_grams(pooled.target, metrics, out_dim, differentiable=True, tail=pooled.tail)
-        (g,) = torch.autograd.grad(f.sum(), z)
-        return f.detach().numpy(), g.numpy()
-    coords = view.directions(k, probe)
-    target = view.project(probe.astype(np.float64) @ coords)
-    c = torch.from_numpy(coords).float()
-    mats = (c.T @ unvec(np.vstack([mean[None], basis]), probe.shape[1]) @ c).double()  # (1+m, a, a)
+    scorer = stage_scorer(view, k, out_dim, probe)
+    c = torch.from_numpy(probe.astype(np.float64)).T @ scorer.directions
+    mats = c.T @ unvec(np.vstack([mean[None], basis]), probe.shape[1]).double() @ c  # (1+m, a, a)
     z = torch.from_numpy(np.asarray(centroids, np.float64)).requires_grad_(True)
-    metrics = mats[0] + torch.einsum("kj,jab->kab", z, mats[1:])
-    f = score_grams(target, target.r @ metrics @ target.r.T, out_dim, differentiable=True)
+    f = scorer.scores(mats[0] + torch.einsum("kj,jab->kab", z, mats[1:]), out_dim, differentiable=True)
     (g,) = torch.autograd.grad(f.sum(), z)
     return f.detach().numpy(), g.numpy()
