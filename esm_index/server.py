@@ -31,13 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
 from starlette.exceptions import HTTPException
 
 from .checks import check_labels, check_size
@@ -45,7 +43,8 @@ from .data import labelled
 from .errors import EsmIndexError, IndexStoreError, InvalidArgumentError
 from . import query as query_path
 from .index import SourceIndex
-from .results import DEFAULT_METHOD, DEFAULT_SHORTLIST, Filters, Query, Ranking
+from .results import Filters, Query, Ranking
+from .schema import ErrorResponse, RankRequest, RankResponse, Target
 
 log = logging.getLogger("esm_index.server")
 OPEN_PATHS = ("/health",)  # answered without the token: a load balancer's liveness probe
@@ -62,64 +61,6 @@ class Limits:
     # numba / FAISS threads inside one query; None: all cores shared among the queries running
     # at that moment (a lone query gets every core, two get half each); 0: the libraries' default
     threads_per_query: int | None = None
-
-
-# ---- the schema -------------------------------------------------------------------------------
-Label = Union[StrictInt, FiniteFloat, str, list[FiniteFloat]]
-
-
-class Target(BaseModel):
-    """Texts (a string, or a list of strings for text pairs) or base-model embeddings, and
-    labels as a file holds them: class ids are kept, other labels numbered in sorted order,
-    a list per example is a multi-output regression. ``task`` null: guessed from the labels."""
-
-    model_config = ConfigDict(extra="forbid")
-    texts: list[Union[str, list[str]]] | None = None
-    embeddings: list[list[FiniteFloat]] | None = None
-    labels: list[Label]
-    task: Literal["classification", "regression"] | None = None
-
-
-class FilterSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    task_type: str | None = None
-    language: str | None = None
-    tags: list[str] = []
-    min_size: int | None = None
-
-
-class RankRequest(BaseModel):
-    """Options mean what they mean for ``SourceIndex.rank``; ``index``: a served index's
-    name or folder (default: the first served)."""
-
-    model_config = ConfigDict(extra="forbid")
-    index: str | None = None
-    targets: list[Target] = Field(min_length=1)
-    top: int = 10
-    shortlist: int | None = DEFAULT_SHORTLIST
-    candidates: int | None = None
-    refine: int | None = None
-    exact: bool = False
-    filters: FilterSpec | None = None
-    method: Literal["combined", "esm-logme", "domain"] = DEFAULT_METHOD  # results.METHODS
-
-
-class RankingModel(BaseModel):
-    method: str
-    results: list[dict]
-    pool_size: int
-    target: dict
-    warnings: list[str]
-    timings: dict[str, float]
-
-
-class RankResponse(BaseModel):
-    rankings: list[RankingModel]
-
-
-class ErrorResponse(BaseModel):
-    error: str
-    type: str
 
 
 # ---- the warm state ---------------------------------------------------------------------------
