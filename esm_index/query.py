@@ -32,7 +32,7 @@ from .domain import DOMAIN_KEY, combine as combine_scores, similarities
 from .embed import best_device
 from .errors import ModelMismatchError, NoSourcesError
 from .logme import TargetStats, one_blas_thread, score_esms
-from .prefilter import Prefilter, plan
+from .prefilter import LARGE_POOL, Prefilter, plan
 from .results import Filters, Query, Ranking, Result
 from .summary import TargetView, approximate_scores, refining_scores
 
@@ -43,15 +43,18 @@ STAGES = ("faiss", "approximate", "refining")  # the prefilter's stages, in orde
 PREFILTER_MEASURED_UP_TO = 150
 
 
-def prefilter_warning(n: int, prefiltered: bool) -> list[str]:
+def prefilter_warning(n: int, prefiltered: bool, pool_size: int = 0) -> list[str]:
     """The warning a ranking carries when the prefilter chose its shortlist for a target
-    larger than it was found reliable for; --exact scores every source instead."""
-    if not prefiltered or n <= PREFILTER_MEASURED_UP_TO:
+    larger than it was found reliable for, or in a pool past 20k sources (on 100k strongly
+    fine-tuned maps it lost a third of 150-example targets' top-5s); --exact scores every
+    source instead."""
+    if not prefiltered or (n <= PREFILTER_MEASURED_UP_TO and pool_size <= LARGE_POOL):
         return []
-    return [f"the prefilter chose which sources were scored exactly, and for targets of more than "
-            f"{PREFILTER_MEASURED_UP_TO} examples it can miss the best ones (on a 10,000-source test pool "
-            f"it kept 83 % of the exact top-5 at 300 examples, 63 % at 500; BENCHMARKS.md §6): "
-            f"--exact scores every source"]
+    return [f"the prefilter chose which sources were scored exactly, and it can miss the best ones for "
+            f"targets of more than {PREFILTER_MEASURED_UP_TO} examples or pools of more than {LARGE_POOL:,} "
+            f"sources (on test pools of strongly fine-tuned maps it kept 83 % of the exact top-5 at 300 "
+            f"examples and 63 % at 500 among 10,000 sources, 65 % at 150 examples among 100,000; "
+            f"BENCHMARKS.md §6): --exact scores every source"]
 
 
 class Timer:
@@ -94,7 +97,7 @@ def run(index, x, labels, task: str, query: Query) -> Ranking:
         method, scores = combine(scored.logme, scored.domain, query.method)
         order = top_order(scores, scored.logme, query.top)
         metas = index.store.metas(scored.found.ids[order])
-        warnings += prefilter_warning(len(x), bool(scored.found.stage_scores["approximate"]))
+        warnings += prefilter_warning(len(x), bool(scored.found.stage_scores["approximate"]), scored.pool_size)
         return Ranking(results(scored.found, order, metas, scores, scored.logme, scored.domain),
                        pool_size=scored.pool_size, timings=scored.timings, target=about, warnings=warnings,
                        method=method)

@@ -306,8 +306,9 @@ class ShardedIndex:
         else:
             parts = [score_shard(shard, x, labels, task, query) for shard in self.shards]
         t1 = time.perf_counter()
-        prefiltered = any(np.isfinite(p.stages["approximate"]).any() for p in parts)
-        ranking = merge(parts, query, about, warnings + query_path.prefilter_warning(len(x), prefiltered))
+        prefiltered = [p.pool_size for p in parts if np.isfinite(p.stages["approximate"]).any()]
+        warned = query_path.prefilter_warning(len(x), bool(prefiltered), max(prefiltered, default=0))
+        ranking = merge(parts, query, about, warnings + warned)
         ranking.timings = {"shards": round(t1 - t0, 4), "merge": round(time.perf_counter() - t1, 4)}
         return ranking
 

@@ -289,3 +289,14 @@ def test_a_prefiltered_ranking_of_a_large_target_says_so(index):
         return any("--exact" in w for w in ranking.warnings)
 
     assert warned(160) and not warned(150) and not warned(160, exact=True)
+
+
+def test_a_prefiltered_ranking_from_a_pool_past_20k_sources_says_so():
+    """On 100k strongly fine-tuned maps the prefilter lost a third of 150-example targets'
+    top-5s (BENCHMARKS.md §6): a prefiltered ranking from a pool (or shard) past 20k sources
+    warns whatever the target's size. (Checked on the function: a 20k-source test pool
+    would take minutes.)"""
+    from esm_index.query import prefilter_warning
+
+    assert prefilter_warning(100, True, 20_001) and not prefilter_warning(100, True, 20_000)
+    assert not prefilter_warning(100, False, 100_000) and prefilter_warning(151, True, 40)
