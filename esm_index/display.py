@@ -180,12 +180,10 @@ def query_options(fn):
         click.option("--shortlist", type=int, default=None,
                      help="Sources scored exactly after the prefilter (default 32)."),
         click.option("--candidates", type=int, default=None,
-                     help="Sources the FAISS stage passes on (default by pool size: 256, 512 for a target of no more "
-                          "examples than dimensions, or 768 above 20k sources)."),
+                     help="Sources the FAISS stage passes on (default by pool size: 512, or 768 above 20k sources)."),
         click.option("--refine", type=int, default=None,
                      help="Sources the refining stage scores from full maps "
-                          "(default by pool size: 64, 128 for a target of no more examples than "
-                          "dimensions, or 384 above 20k sources)."),
+                          "(default by pool size: 128, or 384 above 20k sources)."),
         click.option("--exact", is_flag=True, help="Score every source exactly (no prefilter)."),
         click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
                      help="Order by ESM-LogME and domain similarity together, by ESM-LogME alone (the paper), "

@@ -149,18 +149,17 @@ class TargetView:
         self.r = stats.r.detach().cpu().to(torch.float64)
         self.qty, self.yy, self.n = stats.qty.detach().cpu(), stats.yy.detach().cpu(), stats.n
         self.weight = None if stats.weight is None else stats.weight.detach().cpu()
+        self.kernel_side = stats.kernel_side
         self.pool = pool
         self._v = None
-        self._pooled: dict[int, Pooled] = {}
+        self._pool_basis: tuple[TargetStats, torch.Tensor, torch.Tensor] | None = None
 
     def pooled(self, k: int, out_dim: int) -> Pooled | None:
-        """The target as ``Pooled`` describes, or None for a small target (R has no more rows
-        than ``out_dim``: the principal directions serve it, BENCHMARKS.md section 6) or
-        without the pool's mean."""
-        if self.pool is None or self.r.shape[0] <= out_dim:
+        """The target as ``Pooled`` describes, or None for a small target (on the kernel side:
+        the principal directions serve it, BENCHMARKS.md section 6) or without the pool's mean."""
+        if self.pool is None or self.kernel_side(out_dim):
             return None
-        k = min(k, self.r.shape[0])
-        if k not in self._pooled:  # once per query and k: one eigendecomposition of (d+1)^2
+        if self._pool_basis is None:  # once per query: one eigendecomposition of (d+1)^2, any k
             probe, mean = self.pool
             ru = self.r @ torch.from_numpy(np.asarray(probe, np.float64))
             kernel = ru @ unvec(np.asarray(mean, np.float32)[None], probe.shape[1])[0].double() @ ru.T
@@ -168,8 +167,9 @@ class TargetView:
             basis = vectors.flip(1)  # largest first
             target = TargetStats(r=basis.T @ self.r, qty=basis.T @ self.qty, yy=self.yy, n=self.n,
                                  dim=self.r.shape[1] - 1, weight=self.weight)
-            self._pooled[k] = Pooled(target, self.r.T @ basis[:, :k], values.flip(0)[k:].clone())
-        return self._pooled[k]
+            self._pool_basis = target, basis, values.flip(0)
+        target, basis, values = self._pool_basis
+        return Pooled(target, self.r.T @ basis[:, :k], values[k:].clone())
 
     @classmethod
     def from_embeddings(cls, x: np.ndarray, labels: np.ndarray, regression: bool = False) -> "TargetView":
