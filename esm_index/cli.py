@@ -455,11 +455,15 @@ def verify(folder):
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--reprobe", is_flag=True, help="Also refit the probe to the current pool and recompute summaries.")
+@click.option("--probe-dim", type=int, default=None,
+              help="With --reprobe: the probe's new number of directions (default: keep it), at most twice "
+                   "the reference directions the index holds; a summary is k(k+1)/2 floats. 192 was no better "
+                   "than 128 on the 10k bench pool (BENCHMARKS.md section 6).")
 @friendly
-def rebuild(folder, reprobe):
+def rebuild(folder, reprobe, probe_dim):
     """Rebuild the FAISS prefilter from LMDB."""
     with _open(folder) as index:
-        index.rebuild(reprobe=reprobe)
+        index.rebuild(reprobe=reprobe, probe_dim=probe_dim)
         click.echo(f"rebuilt the prefilter over {plural(len(index), 'source')}")
 
 

@@ -266,11 +266,16 @@ class SourceIndex:
         return count
 
     # ---- the prefilter (its lifecycle: prefilter.PrefilterFiles) -----------------------------
-    def rebuild(self, reprobe: bool = False) -> None:
+    def rebuild(self, reprobe: bool = False, probe_dim: int | None = None) -> None:
         """Regenerate the FAISS files from LMDB (the only state they hold is derived). The
         first rebuild of a writable index with at least 8 sources (or ``reprobe``) also fits
-        the pool half of the probe and recomputes every summary (see summary.py)."""
-        self.prefilters.rebuild(reprobe)
+        the pool half of the probe and recomputes every summary (see summary.py).
+        ``probe_dim`` (needs ``reprobe``): the probe's new number of directions, k(k+1)/2
+        floats a summary; for measuring whether a pool's summaries need more (BENCHMARKS.md
+        section 6: 192 was no better than 128 on the 10k bench pool)."""
+        if probe_dim is not None and not reprobe:
+            raise InvalidArgumentError("a new probe dimension needs a reprobe")
+        self.prefilters.rebuild(reprobe, probe_dim)
 
     def prefilter(self) -> Prefilter:
         """The ``Prefilter`` current with LMDB; stale or damaged files are rebuilt (in memory

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from .domain import DomainSearch, domain_batches
-from .summary import TargetView, centroid_scores, join_probe, pool_directions, summarize
+from .errors import InvalidArgumentError
+from .summary import TargetView, centroid_scores, join_probe, pool_directions, summarize, summary_dim
 
 LARGE_POOL = 20_000  # from here on the stages pass on more sources and keep more directions
 
@@ -236,25 +237,32 @@ class PrefilterFiles:
                     self.rebuild()
             return self._current
 
-    def rebuild(self, reprobe: bool = False) -> None:
+    def rebuild(self, reprobe: bool = False, probe_dim: int | None = None) -> None:
         """Regenerate the FAISS files from the store. The first rebuild of a writable index
         with at least 8 sources (or ``reprobe``) also fits the pool half of the probe and
-        recomputes every summary."""
+        recomputes every summary; ``probe_dim`` (with ``reprobe``) changes the probe's size."""
         with self._lock:
             if (not self.readonly and (reprobe or not self.store.manifest.get("probe_pool_fitted"))
                     and self.store.count() >= 8):
-                self._fit_probe()
+                self._fit_probe(probe_dim if reprobe else None)
             self._current = build_prefilter(self.store, self.store.generation())
             if not self.readonly:
                 save_prefilter(self.folder, self._current)
 
-    def _fit_probe(self, sample: int = 256) -> None:
+    def _fit_probe(self, probe_dim: int | None = None, sample: int = 256) -> None:
+        k = probe_dim or self.probe.shape[1]
+        reference = self.store.probe("reference")
+        if not 2 <= k <= reference.shape[0] or k - k // 2 > reference.shape[1]:
+            raise InvalidArgumentError(f"probe dimension {k}: this index holds {reference.shape[1]} reference "
+                                       f"directions, enough for a probe of 2 to {2 * reference.shape[1]}")
         ids = np.random.default_rng(0).permutation(self.store.ids())[:sample]
         _, w, b = self.store.esms(ids)
-        k = self.probe.shape[1]
-        probe = join_probe(self.store.probe("reference"), pool_directions(w, b, k // 2), k)
+        probe = join_probe(reference, pool_directions(w, b, k // 2), k)
+        described = self.store.manifest.get("summary", "").replace(f"U: {self.probe.shape[1]} directions",
+                                                                   f"U: {k} directions")
         self.store.reprobe(probe, lambda ww, bb: summarize(ww, bb, probe),
-                           {"probe_pool_fitted": True, "probe_pool_sample": len(ids)})
+                           {"probe_pool_fitted": True, "probe_pool_sample": len(ids), "summary_dim": summary_dim(k),
+                            "summary": described})
         self.probe = probe
 
     def problems(self) -> list[str]:

@@ -11,11 +11,13 @@ import torch
 
 import esm_index.store as store_module
 from conftest import REPO, random_esms, read_sample
+from esm_index.cli import main
 from esm_index.domain import DOMAIN_KEY, combine, similarities
+from esm_index.errors import InvalidArgumentError
 from esm_index.index import SourceIndex
 from esm_index.logme import TargetStats, score_esms
 from esm_index.results import METHODS, Filters
-from esm_index.summary import summarize
+from esm_index.summary import summarize, summary_dim
 
 
 @pytest.fixture
@@ -122,6 +124,43 @@ def test_an_interrupted_reprobe_leaves_the_old_summaries_current(index):
     np.testing.assert_allclose(now, summarize(w, b, index.probe), rtol=1e-5, atol=1e-6)
 
 
+def test_a_reprobe_can_change_the_probe_size(index, runner):
+    """A larger (or smaller) probe for a grown pool: every summary recomputed at the new
+    width, the manifest saying so, the prefilter rebuilt on them; a size the stored reference
+    directions cannot fill is refused before anything changes."""
+    _fill(index, 30)
+    index.rebuild()
+    assert index.probe.shape[1] == 33  # the tiny model: d + 1 = 33 directions
+    x, y = _target(index)
+    exact = index.rank_embeddings(x, y, top=5, exact=True)
+    generation = index.store.generation()
+    with pytest.raises(InvalidArgumentError, match="reference directions"):
+        index.rebuild(reprobe=True, probe_dim=40)
+    with pytest.raises(InvalidArgumentError, match="needs a reprobe"):
+        index.rebuild(probe_dim=20)
+    assert index.store.generation() == generation and index.manifest["summary_dim"] == summary_dim(33)
+
+    index.rebuild(reprobe=True, probe_dim=20)
+    assert index.probe.shape == (33, 20) and index.manifest["summary_dim"] == summary_dim(20) == 210
+    assert "U: 20 directions" in index.manifest["summary"]
+    ids, now = index.store.summaries()
+    _, w, b = index.store.esms(ids)
+    np.testing.assert_allclose(now, summarize(w, b, index.probe), rtol=1e-5, atol=1e-6)
+    assert index.verify() == []
+    prefiltered = index.rank_embeddings(x, y, top=5, shortlist=8, candidates=16, refine=12)
+    assert len(prefiltered.results) == 5 and {r.source for r in prefiltered.results} <= {f"s0-{i}" for i in range(30)}
+    assert index.rank_embeddings(x, y, top=5, exact=True).results == exact.results  # the maps are untouched
+
+    folder = str(index.folder)
+    index.close()
+    bad = runner.invoke(main, ["rebuild", folder, "--reprobe", "--probe-dim", "99"])
+    assert bad.exit_code == 2 and "reference directions" in bad.output and "Traceback" not in bad.output
+    good = runner.invoke(main, ["rebuild", folder, "--reprobe", "--probe-dim", "24"])
+    assert good.exit_code == 0, good.output
+    with SourceIndex(folder, readonly=True) as again:
+        assert again.manifest["summary_dim"] == summary_dim(24) and again.verify() == []
+
+
 def test_sources_added_or_removed_while_staging_are_reconciled(index):
     _fill(index, 20)
     index.rebuild()
@@ -143,7 +182,7 @@ REPROBER = """
 import sys
 sys.path.insert(0, {repo!r})
 from esm_index.store import Store
-from esm_index.summary import summarize
+from esm_index.summary import summarize, summary_dim
 store = Store({folder!r})
 probe = store.probe() * 0.5
 store.reprobe(probe, lambda w, b: summarize(w, b, probe), {{}}, chunk=7)

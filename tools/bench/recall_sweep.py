@@ -38,10 +38,14 @@ def main() -> None:
     tasks = shared.targets(index, args.targets, rows=args.rows)
     ids, exact = shared.exact_scores(index, tasks, args.exact_cache)
     for setting in args.settings:
-        hits, latency, ranking = shared.recall_at5(index, tasks, ids, exact, **options[setting])
+        misses: list = []
+        hits, latency, ranking = shared.recall_at5(index, tasks, ids, exact, misses, **options[setting])
         per_target = {name: hit for (name, _, _), hit in zip(tasks, hits)}
         print(f"{setting}: recall@5 {np.mean(hits):.3f} {per_target} p50 {np.median(latency):.3f} s, "
               f"last timings {ranking.timings}", flush=True)
+        worst = {name: f"#{rank} (-{gap:.2g})" for (name, _, _), (rank, gap) in zip(tasks, misses) if rank > 5}
+        print(f"  lowest exact place of a returned top-5 source (its score below the exact 5th): {worst or 'none'}; "
+              f"largest shortfall {max(gap for _, gap in misses):.3g}", flush=True)
 
 
 if __name__ == "__main__":

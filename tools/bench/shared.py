@@ -168,15 +168,27 @@ def parse_setting(setting: str) -> dict:
     return {"candidates": candidates, "refine": refine, "shortlist": shortlist}
 
 
-def recall_at5(index, tasks: list, ids: np.ndarray, exact: np.ndarray, **options) -> tuple[list, list, object]:
+def recall_at5(index, tasks: list, ids: np.ndarray, exact: np.ndarray, misses: list | None = None,
+               **options) -> tuple[list, list, object]:
     """For each target, the share of its exact top-5 that the prefiltered query (ranked by
     ESM-LogME, as the exact scores are) returns in its top 5, and the query's seconds.
-    Returns (hits, latencies, the last Ranking)."""
+    Returns (hits, latencies, the last Ranking). ``misses``, when given, gets one
+    (worst exact rank, shortfall) per target for what the query returned in its top 5: the
+    lowest exact place among them (1-based) and how far its exact score is below the exact
+    5th best (0 when the top 5 is the exact one): how much a miss costs."""
     hits, latencies, ranking = [], [], None
+    column = {int(i): c for c, i in enumerate(ids)}
     for j, (_, x, y) in enumerate(tasks):
-        truth = set(ids[np.argsort(-exact[j])[:5]].tolist())
+        order = np.argsort(-exact[j])
+        truth = set(ids[order[:5]].tolist())
         t0 = time.perf_counter()
         ranking = index.rank_embeddings(x, y, top=5, method="esm-logme", **options)
         latencies.append(time.perf_counter() - t0)
-        hits.append(len(truth & {index.store.id_of(r.source) for r in ranking.results}) / 5)
+        returned = [index.store.id_of(r.source) for r in ranking.results]
+        hits.append(len(truth & set(returned)) / 5)
+        if misses is not None:
+            place = np.empty(len(ids), np.int64)
+            place[order] = np.arange(len(ids))
+            worst = int(max(place[column[i]] for i in returned))
+            misses.append((worst + 1, float(exact[j][order[4]] - exact[j][order[worst]])))
     return hits, latencies, ranking

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""How reliable is the fidelity study's reference ranking? A second, independent draw.
+
+Fidelity (``eval_pool.py``, ``fidelity_fits.py``) compares ESM-LogME with LogME on the real
+fine-tuned models' embeddings of 500 held-out rows of each fidelity target (draw A). That
+reference is itself an estimate from 500 rows: a second draw of 500 rows of the same task
+(draw B) orders the sources somewhat differently, and no score can be expected to agree with
+draw A's ranking better than draw B's does. This script measures that test-retest agreement
+and the fidelity on both draws:
+
+  retest   LogME on the fine-tuned embeddings, draw A against draw B;
+  ESM (A)  ESM-LogME against LogME on the fine-tuned embeddings, both on draw A (as eval_pool);
+  ESM (B)  the same on draw B.
+
+Draw B: up to 500 of the task's source rows that are not among the packaged fit texts (no
+map was fitted on them) and not a twin's target row. The sources ranked are those that are
+not the target's own task or its twin, so no fine-tuned model ranked saw these texts in
+training. Each source's encoder (CACHE/models, kept by build_pool.py) embeds draw B once;
+the embeddings are cached in CACHE/retest/<source>.npz.
+
+Usage: python tools/fidelity_retest.py [--pool CACHE/pool_fit3k] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import common  # noqa: E402
+from esm_index.index import SourceIndex  # noqa: E402
+from esm_index.logme import TargetStats, logme, score_esms  # noqa: E402
+
+ROWS = 500
+FIT_TEXTS = common.REPO / "esm_index" / "fit_texts.txt"
+
+
+def second_draw(task: str) -> tuple[list[str], np.ndarray]:
+    """Draw B of a task: texts and class ids numbered densely."""
+    data, _ = common.load_task(task)
+    fitted = set(FIT_TEXTS.read_text(encoding="utf-8").splitlines())
+    rows = [i for i in common.source_rows(task, data) if data.texts[i] not in fitted]
+    rows = np.sort(np.random.default_rng(zlib.crc32(task.encode()) + 9).permutation(rows)[:ROWS])
+    return [data.texts[i] for i in rows], np.unique(data.labels[rows], return_inverse=True)[1]
+
+
+def tuned_embeddings(source: str, draws: dict, embedder) -> dict[str, np.ndarray]:
+    """Source's fine-tuned encoder's embeddings of every draw B, cached."""
+    path = common.CACHE / "retest" / f"{source}.npz"
+    have = dict(np.load(path)) if path.is_file() else {}
+    missing = [t for t in draws if t not in have]
+    if missing:
+        from transformers import AutoModel
+
+        tuned = embedder.with_model(AutoModel.from_pretrained(common.CACHE / "models" / source))
+        for t in missing:
+            have[t] = tuned.embed(draws[t][0]).astype(np.float16)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **have)
+        print(f"embedded draw B of {len(missing)} targets with {source}", flush=True)
+    return have
+
+
+def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, bool, int]:
+    """Spearman, whether the top-1 is the same, and how many of the top 3 are shared."""
+    top = lambda v, k: set(np.argsort(-v)[:k])  # noqa: E731
+    return common.spearman(reference, other), top(reference, 1) == top(other, 1), len(top(reference, 3) & top(other, 3))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pool", type=Path, default=common.CACHE / "pool_fit3k", help="build folders with fidelity.npz")
+    ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    index = SourceIndex(args.index, readonly=True)
+    tasks = common.task_ids()
+    draws = {t: second_draw(t) for t in common.FIDELITY_TARGETS}
+    tuned_a = {s: dict(np.load(args.pool / s / "fidelity.npz")) for s in tasks}
+    tuned_b = {s: tuned_embeddings(s, draws, index.embedder) for s in tasks}
+
+    rows = {"retest": [], "ESM (A)": [], "ESM (B)": []}
+    for t in common.FIDELITY_TARGETS:
+        sources = [s for s in tasks if not common.twins(s, t)]
+        x_a, y_a = common.held_out_target(t, index.embedder)
+        x_b = common.base_embeddings(index.embedder, draws[t][0])
+        y_b = draws[t][1]
+        real_a = np.asarray([logme(tuned_a[s][t].astype(np.float32), y_a) for s in sources])
+        real_b = np.asarray([logme(tuned_b[s][t].astype(np.float32), y_b) for s in sources])
+        esms = [index.get_esm(s) for s in sources]
+        w = np.stack([e.weight for e in esms]).astype(np.float64)
+        b = np.stack([e.bias for e in esms]).astype(np.float64)
+        esm = {name: score_esms(TargetStats.from_embeddings(x.astype(np.float32), y), torch.from_numpy(w),
+                                torch.from_numpy(b)) for name, x, y in (("A", x_a, y_a), ("B", x_b, y_b))}
+        rows["retest"].append((t, *agreement(real_a, real_b)))
+        rows["ESM (A)"].append((t, *agreement(real_a, esm["A"])))
+        rows["ESM (B)"].append((t, *agreement(real_b, esm["B"])))
+        print(t, len(y_b), "rows in draw B;", {k: tuple(round(float(v), 3) for v in r[-1][1:]) for k, r in rows.items()},
+              flush=True)
+
+    print("\n| comparison | " + " | ".join(common.FIDELITY_TARGETS) + " | mean Spearman | top-1 agrees | top-3 overlap |")
+    print("|---|" + "---|" * (len(common.FIDELITY_TARGETS) + 3))
+    for kind, r in rows.items():
+        print(f"| {kind} | " + " | ".join(f"{x[1]:.2f}" for x in r) +
+              f" | **{np.mean([x[1] for x in r]):.2f}** | {sum(x[2] for x in r)}/{len(r)} | {np.mean([x[3] for x in r]):.2f}/3 |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
