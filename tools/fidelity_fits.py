@@ -71,12 +71,21 @@ def main() -> None:
         real = np.asarray([logme(tuned[s][t].astype(np.float32), labels[t]) for s in sources])
         stats = TargetStats.from_embeddings(base[t].astype(np.float32), labels[t])
         for kind in args.kinds:
-            esm = score_esms(stats, *maps(kind, t, sources, index, base, tuned))
-            top = lambda v, k: set(np.argsort(-v)[:k])  # noqa: E731
-            rows[kind].append((t, common.spearman(real, esm), top(real, 1) == top(esm, 1), len(top(real, 3) & top(esm, 3))))
+            rows[kind].append((t, *agreement(real, score_esms(stats, *maps(kind, t, sources, index, base, tuned)))))
             print(kind, *rows[kind][-1], flush=True)
+    print_table("map fit", rows)
 
-    print("\n| map fit | " + " | ".join(common.FIDELITY_TARGETS) + " | mean Spearman | top-1 agrees | top-3 overlap |")
+
+def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, bool, int]:
+    """Spearman, whether the top-1 is the same, and how many of the top 3 are shared."""
+    top = lambda v, k: set(np.argsort(-v)[:k])  # noqa: E731
+    return common.spearman(reference, other), top(reference, 1) == top(other, 1), len(top(reference, 3) & top(other, 3))
+
+
+def print_table(what: str, rows: dict[str, list[tuple]]) -> None:
+    """The markdown table BENCHMARKS.md §4 shows: one line per kind of comparison, per target
+    its Spearman, then the means and counts; ``rows``: kind -> [(target, agreement...)]."""
+    print(f"\n| {what} | " + " | ".join(common.FIDELITY_TARGETS) + " | mean Spearman | top-1 agrees | top-3 overlap |")
     print("|---|" + "---|" * (len(common.FIDELITY_TARGETS) + 3))
     for kind, r in rows.items():
         print(f"| {kind} | " + " | ".join(f"{x[1]:.2f}" for x in r) +

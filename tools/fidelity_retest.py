@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import common  # noqa: E402
 from esm_index.index import SourceIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme, score_esms  # noqa: E402
+from fidelity_fits import agreement, print_table  # noqa: E402
 
 ROWS = 500
 FIT_TEXTS = common.REPO / "esm_index" / "fit_texts.txt"
@@ -66,12 +67,6 @@ def tuned_embeddings(source: str, draws: dict, embedder) -> dict[str, np.ndarray
         np.savez(path, **have)
         print(f"embedded draw B of {len(missing)} targets with {source}", flush=True)
     return have
-
-
-def agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, bool, int]:
-    """Spearman, whether the top-1 is the same, and how many of the top 3 are shared."""
-    top = lambda v, k: set(np.argsort(-v)[:k])  # noqa: E731
-    return common.spearman(reference, other), top(reference, 1) == top(other, 1), len(top(reference, 3) & top(other, 3))
 
 
 def main() -> None:
@@ -108,12 +103,7 @@ def main() -> None:
         print(t, len(y_b), "rows in draw B;", {k: tuple(round(float(v), 3) for v in r[-1][1:]) for k, r in rows.items()},
               flush=True)
 
-    print("\n| comparison | " + " | ".join(common.FIDELITY_TARGETS) + " | mean Spearman | top-1 agrees | top-3 overlap |")
-    print("|---|" + "---|" * (len(common.FIDELITY_TARGETS) + 3))
-    for kind, r in rows.items():
-        print(f"| {kind} | " + " | ".join(f"{x[1]:.2f}" for x in r) +
-              f" | **{np.mean([x[1] for x in r]):.2f}** | {sum(x[2] for x in r)}/{len(r)} | {np.mean([x[3] for x in r]):.2f}/3 |")
-
+    print_table("comparison", rows)
 
 if __name__ == "__main__":
     sys.exit(main())
