@@ -242,6 +242,9 @@ class PrefilterFiles:
         with at least 8 sources (or ``reprobe``) also fits the pool half of the probe and
         recomputes every summary; ``probe_dim`` (with ``reprobe``) changes the probe's size."""
         with self._lock:
+            if probe_dim is not None and reprobe and self.store.count() < 8:
+                raise InvalidArgumentError(f"a new probe needs at least 8 sources to fit on; the index has "
+                                           f"{self.store.count()}")
             if (not self.readonly and (reprobe or not self.store.manifest.get("probe_pool_fitted"))
                     and self.store.count() >= 8):
                 self._fit_probe(probe_dim if reprobe else None)
@@ -252,9 +255,10 @@ class PrefilterFiles:
     def _fit_probe(self, probe_dim: int | None = None, sample: int = 256) -> None:
         k = probe_dim or self.probe.shape[1]
         reference = self.store.probe("reference")
-        if not 2 <= k <= reference.shape[0] or k - k // 2 > reference.shape[1]:
+        largest = min(reference.shape[0], 2 * reference.shape[1])  # half the probe is reference directions
+        if not 2 <= k <= largest:
             raise InvalidArgumentError(f"probe dimension {k}: this index holds {reference.shape[1]} reference "
-                                       f"directions, enough for a probe of 2 to {2 * reference.shape[1]}")
+                                       f"directions of {reference.shape[0]}, enough for a probe of 2 to {largest}")
         ids = np.random.default_rng(0).permutation(self.store.ids())[:sample]
         _, w, b = self.store.esms(ids)
         probe = join_probe(reference, pool_directions(w, b, k // 2), k)

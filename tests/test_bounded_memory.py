@@ -124,17 +124,18 @@ def test_an_interrupted_reprobe_leaves_the_old_summaries_current(index):
     np.testing.assert_allclose(now, summarize(w, b, index.probe), rtol=1e-5, atol=1e-6)
 
 
-def test_a_reprobe_can_change_the_probe_size(index, runner):
+def test_a_reprobe_can_change_the_probe_size(index, runner, tiny_model):
     """A larger (or smaller) probe for a grown pool: every summary recomputed at the new
     width, the manifest saying so, the prefilter rebuilt on them; a size the stored reference
-    directions cannot fill is refused before anything changes."""
+    directions cannot fill, or a pool too small to fit one on, is refused before anything
+    changes."""
     _fill(index, 30)
     index.rebuild()
     assert index.probe.shape[1] == 33  # the tiny model: d + 1 = 33 directions
     x, y = _target(index)
     exact = index.rank_embeddings(x, y, top=5, exact=True)
     generation = index.store.generation()
-    with pytest.raises(InvalidArgumentError, match="reference directions"):
+    with pytest.raises(InvalidArgumentError, match="a probe of 2 to 33"):
         index.rebuild(reprobe=True, probe_dim=40)
     with pytest.raises(InvalidArgumentError, match="needs a reprobe"):
         index.rebuild(probe_dim=20)
@@ -153,6 +154,10 @@ def test_a_reprobe_can_change_the_probe_size(index, runner):
 
     folder = str(index.folder)
     index.close()
+    small = runner.invoke(main, ["init", str(index.folder.parent / "small"), "--model", str(tiny_model)])
+    assert small.exit_code == 0, small.output
+    few = runner.invoke(main, ["rebuild", str(index.folder.parent / "small"), "--reprobe", "--probe-dim", "20"])
+    assert few.exit_code == 2 and "at least 8 sources" in few.output
     bad = runner.invoke(main, ["rebuild", folder, "--reprobe", "--probe-dim", "99"])
     assert bad.exit_code == 2 and "reference directions" in bad.output and "Traceback" not in bad.output
     good = runner.invoke(main, ["rebuild", folder, "--reprobe", "--probe-dim", "24"])
