@@ -187,7 +187,7 @@ REPROBER = """
 import sys
 sys.path.insert(0, {repo!r})
 from esm_index.store import Store
-from esm_index.summary import summarize, summary_dim
+from esm_index.summary import summarize
 store = Store({folder!r})
 probe = store.probe() * 0.5
 store.reprobe(probe, lambda w, b: summarize(w, b, probe), {{}}, chunk=7)

@@ -35,18 +35,17 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import common  # noqa: E402
+from esm_index.finetune import FIT_TEXTS  # noqa: E402
 from esm_index.index import SourceIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme, score_esms  # noqa: E402
 from fidelity_fits import agreement, print_table  # noqa: E402
 
 ROWS = 500
-FIT_TEXTS = common.REPO / "esm_index" / "fit_texts.txt"
 
 
-def second_draw(task: str) -> tuple[list[str], np.ndarray]:
-    """Draw B of a task: texts and class ids numbered densely."""
+def second_draw(task: str, fitted: set[str]) -> tuple[list[str], np.ndarray]:
+    """Draw B of a task: texts and class ids numbered densely; ``fitted``: the fit texts."""
     data, _ = common.load_task(task)
-    fitted = set(FIT_TEXTS.read_text(encoding="utf-8").splitlines())
     rows = [i for i in common.source_rows(task, data) if data.texts[i] not in fitted]
     rows = np.sort(np.random.default_rng(zlib.crc32(task.encode()) + 9).permutation(rows)[:ROWS])
     return [data.texts[i] for i in rows], np.unique(data.labels[rows], return_inverse=True)[1]
@@ -80,7 +79,8 @@ def main() -> None:
 
     index = SourceIndex(args.index, readonly=True)
     tasks = common.task_ids()
-    draws = {t: second_draw(t) for t in common.FIDELITY_TARGETS}
+    fitted = set(FIT_TEXTS.read_text(encoding="utf-8").splitlines())
+    draws = {t: second_draw(t, fitted) for t in common.FIDELITY_TARGETS}
     tuned_a = {s: dict(np.load(args.pool / s / "fidelity.npz")) for s in tasks}
     tuned_b = {s: tuned_embeddings(s, draws, index.embedder) for s in tasks}
 
@@ -104,6 +104,7 @@ def main() -> None:
               flush=True)
 
     print_table("comparison", rows)
+
 
 if __name__ == "__main__":
     sys.exit(main())
