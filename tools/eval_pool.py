@@ -8,6 +8,9 @@ come first. The three sample targets (indexes/samples) likewise, by their texts.
 method alone (ESM-LogME, domain similarity), and for the combined ranking at several domain
 weights (``--weights``: the sweep that chose ``domain.DOMAIN_WEIGHT``).
 
+Each miss is then judged by LogME on the real fine-tuned encoders of the own source and of
+the one ranked first (CACHE/models): is the miss the map's, or the fine-tuning's?
+
 Fidelity: for each of ``common.FIDELITY_TARGETS`` (held-out rows, n = 500) and every other
 source, LogME on the real fine-tuned model's embeddings (fidelity.npz from build_pool.py)
 against ESM-LogME on the base embeddings: Spearman, top-1 agreement, top-3 overlap. The
@@ -123,6 +126,8 @@ def main() -> None:
                            for m in ("esm-logme", "domain")}})
         print(f"sample {fname}: own source #{samples[-1]['own_rank']}", flush=True)
 
+    misses = real_logme_of_misses(index, same)
+
     # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
     fidelity = []
     for target in common.FIDELITY_TARGETS:
@@ -156,6 +161,14 @@ def main() -> None:
     print("|---|" + "---|" * len(weights))
     print("| same-task top-1 | " + " | ".join(f"{sum(r == 1 for r in v)}/{len(v)}" for v in sweep.values()) + " |")
     print("| same-task top-3 | " + " | ".join(f"{sum(r <= 3 for r in v)}/{len(v)}" for v in sweep.values()) + " |")
+    if misses:
+        print("\nEach miss of the default ranking, judged by LogME on the real fine-tuned models (the same held-out rows):\n")
+        print("| target | ranked first | ESM-LogME own / first | real LogME own / first | the real models agree with |")
+        print("|---|---|---|---|---|")
+        for m in misses:
+            print(f"| {m['target']} | {m['first']} | {m['esm_own']:.4f} / {m['esm_first']:.4f} | "
+                  f"{m['real_own']:.4f} / {m['real_first']:.4f} | "
+                  f"{'the ranking' if m['real_first'] > m['real_own'] else 'the own task'} |")
     adj1 = sum(s["own_rank_null_adjusted"] == 1 for s in same)
     adj3 = sum(s["own_rank_null_adjusted"] <= 3 for s in same)
     print(f"with the shuffled-label null subtracted (experiment): top-1 {adj1}/{len(same)}, top-3 {adj3}/{len(same)}")
@@ -179,9 +192,36 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"recall": {k: float(np.mean(v)) for k, v in recall.items()},
                                          "weight_sweep": {str(w): v for w, v in sweep.items()},
-                                         "same_task": same, "samples": samples, "winners": winners,
+                                         "same_task": same, "misses_real": misses, "samples": samples, "winners": winners,
                                          "fidelity": fidelity, "float16_same_top5": f16_same,
                                          "float16_max_diff": f16_diff}, indent=1))
+
+
+def real_logme_of_misses(index, same: list[dict]) -> list[dict]:
+    """For each task whose own source the default ranking does not put first: LogME of its
+    held-out rows on the real fine-tuned encoders (CACHE/models, kept by build_pool.py) of its
+    own task and of the source ranked first. Where the real models also prefer the source
+    ranked first, no better map could have fixed the miss: the fine-tuning decides it."""
+    from transformers import AutoModel
+
+    from esm_index.logme import logme
+
+    out = []
+    for s in same:
+        own, first = s["target"], s["top1"]
+        models = [common.CACHE / "models" / t for t in (own, first)]
+        if s["own_rank"] == 1 or not all((m / "config.json").is_file() for m in models):
+            continue
+        data, _ = common.load_task(own)
+        texts = [data.texts[i] for i in common.split(own, len(data))[1]]
+        x, y = common.held_out_target(own, index.embedder)
+        esm = {r.meta.get("task_id"): r.esm_logme for r in index.rank_embeddings(
+            x, y, "classification", top=len(index), exact=True, method="esm-logme").results}
+        real = [logme(index.embedder.with_model(AutoModel.from_pretrained(m)).embed(texts), y) for m in models]
+        out.append({"target": own, "first": first, "esm_own": esm[own], "esm_first": esm[first],
+                    "real_own": real[0], "real_first": real[1]})
+        print(f"miss {own}: first {first}; real LogME own {real[0]:.4f}, first {real[1]:.4f}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

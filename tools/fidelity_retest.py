@@ -10,7 +10,9 @@ and the fidelity on both draws:
 
   retest   LogME on the fine-tuned embeddings, draw A against draw B;
   ESM (A)  ESM-LogME against LogME on the fine-tuned embeddings, both on draw A (as eval_pool);
-  ESM (B)  the same on draw B.
+  ESM (B)  the same on draw B;
+  ESM (A+B)  the same on both draws together (n up to 1,000): the least noisy reference
+           this study has, since each draw alone reproduces the other only so far.
 
 Draw B: up to 500 of the task's source rows that are not among the packaged fit texts (no
 map was fitted on them) and not a twin's target row. The sources ranked are those that are
@@ -43,12 +45,14 @@ from fidelity_fits import agreement, print_table  # noqa: E402
 ROWS = 500
 
 
-def second_draw(task: str, fitted: set[str]) -> tuple[list[str], np.ndarray]:
-    """Draw B of a task: texts and class ids numbered densely; ``fitted``: the fit texts."""
+def second_draw(task: str, fitted: set[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Draw B of a task: texts, class ids numbered densely, and the task's own class ids of
+    draw A then draw B (to number the classes of both draws together); ``fitted``: the fit texts."""
     data, _ = common.load_task(task)
     rows = [i for i in common.source_rows(task, data) if data.texts[i] not in fitted]
     rows = np.sort(np.random.default_rng(zlib.crc32(task.encode()) + 9).permutation(rows)[:ROWS])
-    return [data.texts[i] for i in rows], np.unique(data.labels[rows], return_inverse=True)[1]
+    both = np.concatenate([data.labels[common.split(task, len(data))[1]], data.labels[rows]])
+    return [data.texts[i] for i in rows], np.unique(data.labels[rows], return_inverse=True)[1], both
 
 
 def tuned_embeddings(source: str, draws: dict, embedder) -> dict[str, np.ndarray]:
@@ -84,7 +88,7 @@ def main() -> None:
     tuned_a = {s: dict(np.load(args.pool / s / "fidelity.npz")) for s in tasks}
     tuned_b = {s: tuned_embeddings(s, draws, index.embedder) for s in tasks}
 
-    rows = {"retest": [], "ESM (A)": [], "ESM (B)": []}
+    rows = {"retest": [], "ESM (A)": [], "ESM (B)": [], "ESM (A+B)": []}
     for t in common.FIDELITY_TARGETS:
         sources = [s for s in tasks if not common.twins(s, t)]
         x_a, y_a = common.held_out_target(t, index.embedder)
@@ -92,14 +96,19 @@ def main() -> None:
         y_b = draws[t][1]
         real_a = np.asarray([logme(tuned_a[s][t].astype(np.float32), y_a) for s in sources])
         real_b = np.asarray([logme(tuned_b[s][t].astype(np.float32), y_b) for s in sources])
+        y_ab = np.unique(draws[t][2], return_inverse=True)[1]
+        real_ab = np.asarray([logme(np.concatenate([tuned_a[s][t], tuned_b[s][t]]).astype(np.float32), y_ab)
+                              for s in sources])
         esms = [index.get_esm(s) for s in sources]
         w = np.stack([e.weight for e in esms]).astype(np.float64)
         b = np.stack([e.bias for e in esms]).astype(np.float64)
         esm = {name: score_esms(TargetStats.from_embeddings(x.astype(np.float32), y), torch.from_numpy(w),
-                                torch.from_numpy(b)) for name, x, y in (("A", x_a, y_a), ("B", x_b, y_b))}
+                                torch.from_numpy(b))
+               for name, x, y in (("A", x_a, y_a), ("B", x_b, y_b), ("A+B", np.concatenate([x_a, x_b]), y_ab))}
         rows["retest"].append((t, *agreement(real_a, real_b)))
         rows["ESM (A)"].append((t, *agreement(real_a, esm["A"])))
         rows["ESM (B)"].append((t, *agreement(real_b, esm["B"])))
+        rows["ESM (A+B)"].append((t, *agreement(real_ab, esm["A+B"])))
         print(t, len(y_b), "rows in draw B;", {k: tuple(round(float(v), 3) for v in r[-1][1:]) for k, r in rows.items()},
               flush=True)
 
