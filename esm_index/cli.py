@@ -190,36 +190,52 @@ def _source_name(meta: dict, path: Path, name_from: str) -> str:
 @click.option("--name", default=None, help="Source name (default: the file's stem).")
 @click.option("--language", default=None)
 @click.option("--tag", "tags", multiple=True)
-# The defaults are the shipped pool's recipe (finetune.POOL_RECIPE; a test keeps them equal),
-# so that a source added to that pool scores on the same footing as its others.
-@click.option("--max-examples", type=int, default=10_000, show_default=True, help="Fine-tuning sample cap.")
-@click.option("--fit-examples", type=int, default=1_500, show_default=True, help="Texts used to fit the ESM.")
-@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps (batch 32).")
-@click.option("--epochs", type=int, default=10, show_default=True, help="At most this many passes over the data.")
-@click.option("--lr", type=float, default=5e-5, show_default=True, help="AdamW learning rate.")
-@click.option("--max-length", type=int, default=64, show_default=True, help="Fine-tuning truncation in tokens.")
+# Unset options take the pool's own recipe (SourceIndex.pool_recipe, from its sources'
+# metadata), else the shipped pool's (finetune.POOL_RECIPE), so that an added source scores
+# on the same footing as the others.
+@click.option("--max-examples", type=int, default=None, help="Fine-tuning sample cap [default: 10000].")
+@click.option("--fit-examples", type=int, default=None, help="Texts used to fit the ESM [default: 1500].")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (batch 32) [default: the pool's, else 100].")
+@click.option("--epochs", type=int, default=None, help="At most this many passes [default: the pool's, else 10].")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate [default: the pool's, else 5e-5].")
+@click.option("--max-length", type=int, default=None, help="Fine-tuning truncation in tokens [default: the pool's, else 64].")
 @click.option("--replace", is_flag=True, help="Overwrite a source of the same name (otherwise refused).")
 @model_options
 @friendly
 def add(folder, data_file, text_cols, label_cols, task, name, language, tags, max_examples, fit_examples, steps,
         epochs, lr, max_length, replace, device, batch_size):
-    """Fine-tune the base model on a labelled file, fit its ESM, add it as a source."""
+    """Fine-tune the base model on a labelled file, fit its ESM, add it as a source.
+
+    Unset recipe options take the pool's own recipe, so the new source is comparable."""
+    import dataclasses
+
     from .checks import check_positive
     from .data import load_labelled
-    from .finetune import FinetuneConfig
+    from .finetune import POOL_RECIPE, describe_recipe, same_movement
 
     check_positive(**{"--max-examples": max_examples, "--fit-examples": fit_examples, "--epochs": epochs,
                       "--steps": steps, "--max-length": max_length})
-    if not lr > 0:
+    if lr is not None and not lr > 0:
         _fail(f"--lr must be above 0, not {lr}")
+    given = {field: value for field, value in (("max_examples", max_examples), ("fit_examples", fit_examples),
+                                               ("epochs", epochs), ("max_steps", steps), ("lr", lr),
+                                               ("max_length", max_length)) if value is not None}
     data = load_labelled(data_file, text_cols, label_cols, task)
     name = name or Path(data_file).stem
-    cfg = FinetuneConfig(max_examples=max_examples, fit_examples=fit_examples, epochs=epochs, max_steps=steps,
-                         lr=lr, max_length=max_length)
     with _open(folder, device=device, batch_size=batch_size) as index:
+        pool = index.pool_recipe()
+        cfg = dataclasses.replace(pool or POOL_RECIPE, **given)
+
+        def announce(used) -> None:  # once the inputs are accepted, before minutes of fine-tuning
+            click.echo(f"recipe: {describe_recipe(used)}" + (" (the pool's)" if pool and same_movement(used, pool)
+                                                            else ""), err=True)
+            if pool and not same_movement(used, pool):
+                click.echo(f"warning: the pool's sources were made with {describe_recipe(pool)}; a source "
+                           "fine-tuned differently does not score on the same footing", err=True)
+
         esm = index.add_dataset(data, name, cfg, progress=sys.stderr.isatty(), replace=replace,
                                 meta={"language": language, "tags": list(tags),
-                                      "provenance": str(Path(data_file).resolve())})
+                                      "provenance": str(Path(data_file).resolve())}, announce=announce)
         index.rebuild()
     fit = esm.meta["fit"]
     click.echo(f"added {name}: held-out fit mse {fit['heldout_mse']:.3g} (identity map {fit['identity_mse']:.3g})")

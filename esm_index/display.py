@@ -89,6 +89,7 @@ def info_lines(data: dict, folder: str) -> list[str]:
         f"prefilter   {data['prefilter']}, {data['summary_dim']} floats per summary",
         f"on disk     LMDB {megabytes(data['lmdb_bytes'])}, FAISS {megabytes(data['faiss_bytes'])}",
         f"schema      version {data['schema_version']}, generation {data['generation']}",
+        f"recipe      {data.get('recipe') or 'not recorded, or mixed (sources made by different recipes)'}",
     ]
 
 

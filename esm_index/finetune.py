@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -62,6 +62,67 @@ FIT_TEXTS = Path(__file__).with_name("fit_texts.txt")
 # Sources added to a pool should share its recipe, or their scores are not comparable.
 POOL_RECIPE = FinetuneConfig(max_examples=10_000, fit_examples=1_500, epochs=10, max_steps=100,
                              lr=5e-5, max_length=64)
+
+# What decides how far fine-tuning moves a source's space, and so what must be the same for
+# the sources of one pool to score on the same footing.
+MOVEMENT_FIELDS = ("epochs", "max_steps", "batch_size", "lr", "weight_decay", "max_length")
+
+
+def recorded_recipe(meta: dict) -> tuple[dict, int, int] | None:
+    """(the MOVEMENT_FIELDS, examples, steps taken) that a source's metadata records, or None.
+
+    Two records exist: ``finetune_and_fit``'s (``esm-index add``: the FinetuneConfig fields,
+    plus the examples and steps) and tools/build_pool.py's (the steps the task got and the
+    pass cap, ``max_passes``; the steps stand in for the budget, which ``pool_recipe`` infers).
+    Metadata can come from anywhere, so a record of another shape counts as none."""
+    ft = meta.get("finetune") if isinstance(meta, dict) else None
+    try:
+        if "max_passes" in ft:
+            fields = {"epochs": ft["max_passes"], "max_steps": ft["steps"],
+                      **{k: ft[k] for k in ("batch_size", "lr", "weight_decay", "max_length")}}
+            return fields, int(meta["num_examples"]), int(ft["steps"])
+        return {k: ft[k] for k in MOVEMENT_FIELDS}, int(ft["examples"]), int(ft["steps"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def pool_recipe(metas: Iterable[dict]) -> FinetuneConfig | None:
+    """The one recipe that explains every source in ``metas`` that records one, so that a
+    source added later can be fine-tuned the same way; None when none records one, or no
+    single recipe explains them all (a mixed pool).
+
+    A build_pool record gives the steps a task got, which the pass cap lowers for a small task
+    (30 for 78 rows at 10 passes of 32), so the budget is the largest recorded, and each
+    source must then be explained by it: ``planned_steps(its examples) == its steps``. The
+    sample and fit sizes do not move the space and are not recorded by build_pool: they stay
+    POOL_RECIPE's."""
+    records = [r for r in map(recorded_recipe, metas) if r]
+    if not records:
+        return None
+    fixed = [{k: v for k, v in fields.items() if k != "max_steps"} for fields, _, _ in records]
+    if any(f != fixed[0] for f in fixed):
+        return None
+    budgets = [fields["max_steps"] for fields, _, _ in records if fields["max_steps"] is not None]
+    try:
+        cfg = replace(POOL_RECIPE, **fixed[0], max_steps=max(budgets) if budgets else None)
+        if any(planned_steps(n, cfg) != steps for _, n, steps in records):
+            return None
+    except (TypeError, ValueError, InvalidTargetError):
+        return None
+    return cfg
+
+
+def same_movement(a: FinetuneConfig, b: FinetuneConfig) -> bool:
+    """True when two recipes move a source's space alike (see MOVEMENT_FIELDS)."""
+    return all(getattr(a, k) == getattr(b, k) for k in MOVEMENT_FIELDS)
+
+
+def describe_recipe(cfg: FinetuneConfig) -> str:
+    """One line for people, e.g. '100 steps of 32 (at most 10 passes), lr 5e-05, 64 tokens'."""
+    steps = (f"{cfg.max_steps} steps of {cfg.batch_size} (at most {cfg.epochs} passes)" if cfg.max_steps
+             else f"{cfg.epochs} passes in batches of {cfg.batch_size}")
+    tokens = f"{cfg.max_length} tokens" if cfg.max_length else "the index's token limit"
+    return f"{steps}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {tokens}"
 
 
 def finetune(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from dataclasses import replace as with_fields
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -33,7 +34,7 @@ from .encoding import get_encoding
 from .errors import (EsmIndexError, IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError,
                      SourceExistsError)
 from .esm import ESM
-from .finetune import FIT_TEXTS, FinetuneConfig, finetune_and_fit
+from .finetune import FIT_TEXTS, POOL_RECIPE, FinetuneConfig, describe_recipe, finetune_and_fit, pool_recipe
 from .logme import one_blas_thread
 from .prefilter import Prefilter, PrefilterFiles
 from .results import Query, Ranking  # apart, so client.py builds them without numpy
@@ -194,23 +195,28 @@ class SourceIndex:
     def add_esm(self, name: str, esm: ESM) -> bool:
         return self.add_esms([(name, esm)])[0] == 1
 
-    def add_dataset(self, data: LabelledData, name: str, config=None, progress: bool = False,
-                    meta: dict | None = None, replace: bool = False) -> ESM:
+    def add_dataset(self, data: LabelledData, name: str, config: FinetuneConfig | None = None, progress: bool = False,
+                    meta: dict | None = None, replace: bool = False,
+                    announce: Callable[[FinetuneConfig], None] | None = None) -> ESM:
         """Fine-tune the base model on ``data``, fit its ESM and add it (slow: minutes).
         ``meta`` (language, tags, provenance...) is stored with the source. Everything that
         would make the work useless (a name already taken unless ``replace``, data a ranking
-        would refuse, a config that trains nothing) is refused before fine-tuning starts."""
+        would refuse, a config that trains nothing) is refused before fine-tuning starts.
+        ``config`` defaults to the pool's own recipe (``pool_recipe``), else POOL_RECIPE;
+        ``announce`` is called with it once the inputs are accepted, before fine-tuning."""
         self._writable()
         if not replace and self.store.id_of(name) is not None:
             raise SourceExistsError(f"a source named {name!r} is in the index already "
                                     f"(replace=True, or --replace, overwrites it)")
         check_labels(data.labels, data.task, len(data.texts))
         check_size(len(data), what="data set")
-        config = config or FinetuneConfig()
+        config = config or self.pool_recipe() or POOL_RECIPE
         check_positive(**{f: getattr(config, f, None) for f in ("max_examples", "fit_examples", "epochs",
                                                                 "max_steps", "batch_size")})
         if not data.regression:
             data = with_fields(data, labels=dense_classes(data.labels))
+        if announce:
+            announce(config)
         embedder = self.embedder
         log.info("fine-tuning the base model on %d examples of %s (at most %d, %d epochs), then fitting its ESM; "
                  "minutes on a CPU", len(data), name, config.max_examples, config.epochs)
@@ -224,6 +230,14 @@ class SourceIndex:
             self.store.remove([name])
         self.add_esm(name, esm)
         return esm
+
+    def pool_recipe(self, scan: int = 512) -> FinetuneConfig | None:
+        """The fine-tuning recipe the pool's sources were made with (``finetune.pool_recipe``),
+        read from the metadata of the first ``scan`` sources, so that a million-source pool is
+        not read through to add one; None for a pool with no such record (hfselect's ESMs)
+        or with mixed recipes. ``add_dataset`` fine-tunes with it by default: LogME rewards
+        a source that moved further whatever the target, so one pool wants one recipe."""
+        return pool_recipe(m for _, m in islice(self.store.iter_meta(), scan))
 
     def remove(self, names: Iterable[str]) -> list[str]:
         self._writable()
@@ -290,10 +304,12 @@ class SourceIndex:
     def info(self) -> dict:
         """What ``esm-index info`` shows: size, model, layout and the files on disk."""
         m = self.manifest
+        recipe = self.pool_recipe()
         return {"sources": len(self), "model": m["embedding"]["model_name"], "embedding": m["embedding"],
                 "dim": m["dim"], "esm_dtype": m["esm_dtype"], "summary_dim": m["summary_dim"],
                 "schema_version": m["schema_version"], "generation": self.store.generation(),
-                "lmdb_bytes": self.store.disk_bytes(), **self.prefilters.describe()}
+                "lmdb_bytes": self.store.disk_bytes(), **self.prefilters.describe(),
+                "recipe": describe_recipe(recipe) if recipe else None}
 
     # ---- ranking ---------------------------------------------------------------------------
     def rank(self, texts: Sequence, labels, task: str = "classification", *, progress: bool = False,

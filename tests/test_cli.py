@@ -111,6 +111,25 @@ def test_add_fine_tunes_and_adds_a_source(runner, index_dir):
     assert source["label_names"] == ["ham", "spam"] and source["num_examples"] == 300
 
 
+def test_add_takes_the_pools_recipe_and_warns_of_another(runner, index_dir):
+    """An unset recipe option takes the pool's own recipe, read from its sources' metadata,
+    so that an added source scores on the same footing; an explicit other one is warned of,
+    and `info` shows the pool's recipe until the pool is mixed."""
+    add = ["add", str(index_dir), str(SAMPLES / "sms_spam.csv"), "--text-col", "text", "--label-col", "label",
+           "--fit-examples", "100"]
+    first = runner.invoke(main, [*add, "--name", "a", "--steps", "3", "--lr", "1e-4"])
+    assert first.exit_code == 0, first.output
+    assert "recipe: 3 steps of 32 (at most 10 passes), lr 0.0001" in first.output and "pool's" not in first.output
+    second = runner.invoke(main, [*add, "--name", "b"])
+    assert second.exit_code == 0 and "warning" not in second.output, second.output
+    assert "recipe: 3 steps of 32 (at most 10 passes), lr 0.0001, weight decay 0.01, 64 tokens (the pool's)" \
+        in second.output
+    assert cli_json(runner.invoke(main, ["info", str(index_dir), "--json"]))["recipe"].startswith("3 steps")
+    third = runner.invoke(main, [*add, "--name", "c", "--steps", "4"])
+    assert third.exit_code == 0 and "warning: the pool's sources were made with 3 steps" in third.output
+    assert cli_json(runner.invoke(main, ["info", str(index_dir), "--json"]))["recipe"] is None
+
+
 def test_only_esm_index_itself_counts_its_process_age_as_start_up(monkeypatch):
     """``timings.startup`` is the process's age for the console script and ``python -m
     esm_index(.cli)``, but not for a host that runs the CLI, such as ``python -m pytest``

@@ -1,6 +1,8 @@
 """Embedding and fine-tuning with real transformer models: pooling choices, dynamic padding,
 and an ESM that really imitates a fine-tuned model (real data, tiny model)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -74,13 +76,27 @@ def test_step_budget_is_fixed_and_capped_by_passes(tiny_model):
     assert head[1].out_features == 2
 
 
-def test_add_defaults_are_the_pool_recipe():
-    """`esm-index add` fine-tunes as the shipped pool was built, so added sources compare."""
-    from esm_index.cli import add
-    from esm_index.finetune import POOL_RECIPE
+def test_the_pool_recipe_is_read_back_from_the_sources_metadata():
+    """A pool's recipe comes back from what its sources recorded, in both records' shapes:
+    build_pool's (steps got, lowered by the pass cap for a small task) and add's (the config);
+    a pool of mixed recipes, or records of another shape, give None rather than a guess."""
+    from dataclasses import asdict
 
-    defaults = {p.name: p.default for p in add.params}
-    assert (defaults["max_examples"], defaults["fit_examples"], defaults["steps"], defaults["epochs"],
-            defaults["lr"], defaults["max_length"]) == (POOL_RECIPE.max_examples, POOL_RECIPE.fit_examples,
-                                                        POOL_RECIPE.max_steps, POOL_RECIPE.epochs,
-                                                        POOL_RECIPE.lr, POOL_RECIPE.max_length)
+    from esm_index.finetune import POOL_RECIPE, planned_steps, pool_recipe, same_movement
+    from esm_index.index import SourceIndex
+
+    def built(n, steps, lr=5e-5):  # tools/build_pool.py's record
+        return {"num_examples": n, "finetune": {"steps": steps, "batch_size": 32, "lr": lr, "weight_decay": 0.01,
+                                                "max_length": 64, "max_passes": 10, "seed": 0}}
+
+    def added(n, cfg):  # finetune_and_fit's record
+        return {"finetune": {**asdict(cfg), "examples": n, "steps": planned_steps(n, cfg)}}
+
+    shipped = SourceIndex(Path(__file__).parent.parent / "indexes" / "default", readonly=True)
+    assert same_movement(shipped.pool_recipe(), POOL_RECIPE)  # 26 real records, some pass-capped
+    r300 = pool_recipe([built(78, 30), built(5000, 300), built(896, 280)])
+    assert r300.max_steps == 300 and r300.epochs == 10 and r300.lr == 5e-5
+    assert same_movement(pool_recipe([built(5000, 300), added(400, r300), {"name": "hfselect, no record"}]), r300)
+    assert pool_recipe([built(5000, 100), built(5000, 100, lr=2e-5)]) is None  # two learning rates
+    assert pool_recipe([built(5000, 100), built(800, 200)]) is None  # 800 rows would have got 100 steps
+    assert pool_recipe([{"finetune": "junk"}, {"finetune": {"steps": "x", "max_passes": 1}}, {}]) is None
