@@ -118,7 +118,7 @@ def same_movement(a: FinetuneConfig, b: FinetuneConfig) -> bool:
 
 
 def describe_recipe(cfg: FinetuneConfig) -> str:
-    """One line for people, e.g. '100 steps of 32 (at most 10 passes), lr 5e-05, 64 tokens'."""
+    """One line for people: '100 steps of 32 (at most 10 passes), lr 5e-05, weight decay 0.01, 64 tokens'."""
     steps = (f"{cfg.max_steps} steps of {cfg.batch_size} (at most {cfg.epochs} passes)" if cfg.max_steps
              else f"{cfg.epochs} passes in batches of {cfg.batch_size}")
     tokens = f"{cfg.max_length} tokens" if cfg.max_length else "the index's token limit"

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -38,6 +39,7 @@ from . import query as query_path
 from .checks import check_labels, check_size
 from .errors import IndexStoreError, InvalidArgumentError, ModelMismatchError, NoSourcesError, SourceExistsError
 from .esm import ESM
+from .finetune import POOL_RECIPE, FinetuneConfig, describe_recipe, pool_recipe
 from .index import SourceIndex
 from .results import Query, Ranking
 from .shard_query import merge, score_shard
@@ -219,11 +221,19 @@ class ShardedIndex:
     def add_esm(self, name: str, esm: ESM) -> bool:
         return self.add_esms([(name, esm)])[0] == 1
 
-    def add_dataset(self, data, name: str, config=None, progress: bool = False, meta: dict | None = None,
-                    replace: bool = False) -> ESM:
-        """``SourceIndex.add_dataset`` on the shard that ``name`` belongs to."""
+    def add_dataset(self, data, name: str, config: FinetuneConfig | None = None, progress: bool = False,
+                    meta: dict | None = None, replace: bool = False,
+                    announce: Callable[[FinetuneConfig], None] | None = None) -> ESM:
+        """``SourceIndex.add_dataset`` on the shard that ``name`` belongs to, with the whole
+        pool's recipe by default (not only that shard's)."""
         self._writable()
-        return self.shard_for(name).add_dataset(data, name, config, progress=progress, meta=meta, replace=replace)
+        return self.shard_for(name).add_dataset(data, name, config or self.pool_recipe() or POOL_RECIPE,
+                                                progress=progress, meta=meta, replace=replace, announce=announce)
+
+    def pool_recipe(self, scan: int = 512) -> FinetuneConfig | None:
+        """``SourceIndex.pool_recipe`` over all shards: the first ``scan`` sources, spread evenly."""
+        per_shard = -(-scan // len(self.shards))
+        return pool_recipe(m for shard in self.shards for _, m in islice(shard.store.iter_meta(), per_shard))
 
     def remove(self, names: Iterable[str]) -> list[str]:
         self._writable()
@@ -269,14 +279,15 @@ class ShardedIndex:
     def info(self) -> dict:
         """``SourceIndex.info``'s fields over all shards, and each shard's size."""
         parts = [s.info() for s in self.shards]
-        first = parts[0]
+        first, recipe = parts[0], self.pool_recipe()
         return {"sources": sum(p["sources"] for p in parts), "model": first["model"], "embedding": first["embedding"],
                 "dim": first["dim"], "esm_dtype": first["esm_dtype"], "summary_dim": first["summary_dim"],
                 "schema_version": first["schema_version"], "generation": sum(p["generation"] for p in parts),
                 "lmdb_bytes": sum(p["lmdb_bytes"] for p in parts),
                 "prefilter": f"{first['prefilter']} in each of {len(parts)} shards",
                 "faiss_bytes": sum(p["faiss_bytes"] for p in parts),
-                "shards": {f.name: p["sources"] for f, p in zip(self.shard_folders, parts)}}
+                "shards": {f.name: p["sources"] for f, p in zip(self.shard_folders, parts)},
+                "recipe": describe_recipe(recipe) if recipe else None}
 
     # ---- ranking -----------------------------------------------------------------------------
     def rank(self, texts: Sequence, labels, task: str = "classification", *, progress: bool = False,

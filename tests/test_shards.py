@@ -38,6 +38,9 @@ def _esms(count: int, seed: int, dim: int = 32):
     for i, esm in enumerate(random_esms(rng, count, dim, scale=1.0)):
         esm.meta.update({"task_id": f"p{seed}-{i}", "language": "en" if i % 2 else "de", "num_examples": 50 * i,
                          DOMAIN_KEY: rng.standard_normal(dim).round(6).tolist()})
+        if i:  # build_pool's record of a 30-step budget, which the 10-pass cap lowers to 20 for 50 rows
+            esm.meta["finetune"] = {"steps": min(30, 10 * -(-50 * i // 32)), "max_passes": 10, "batch_size": 32,
+                                    "lr": 5e-5, "weight_decay": 0.01, "max_length": 64}
         out.append((f"p{seed}-{i}", esm))
     return out
 
@@ -193,6 +196,8 @@ def test_cli_shard_then_rank_info_list_verify(runner, pools, tmp_path, ray_clust
         assert sharded["pool_size"] == 24 and "shards" in sharded["timings"]
     info = cli_json(runner.invoke(main, ["info", str(out), "--json"]))
     assert info["sources"] == 24 and len(info["shards"]) == 4
+    assert info["recipe"].startswith("30 steps of 32") and \
+        info["recipe"] == cli_json(runner.invoke(main, ["info", str(pools[0]), "--json"]))["recipe"]
     assert runner.invoke(main, ["info", str(out)]).exit_code == 0
     assert len(cli_json(runner.invoke(main, ["list", str(out), "--json"]))) == 24
     assert "ok: 24 sources" in runner.invoke(main, ["verify", str(out)]).output
