@@ -106,8 +106,10 @@ def main() -> None:
             recall[k].append(len(truth & set(sorted(approx, key=approx.get)[-k:])) / 5)
         # Experiment: the same scores less each source's score for shuffled labels.
         adjusted = np.asarray([s32[t] for t in tasks]) - common.label_null_scores(x, y, w, b)
+        esm_logme = dict(zip(names, (r.esm_logme for r in parts)))
         same.append({"target": tid, "n": len(y), "own_rank": position(ranking, tid), "top1": first,
                      "margin": ranking.results[0].score - ranking.results[1].score,
+                     "esm_logme_own": esm_logme[tid], "esm_logme_top1": esm_logme[first],
                      "own_rank_esm_logme": alone["esm-logme"], "own_rank_domain": alone["domain"],
                      "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
         print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first}); ESM-LogME alone "
@@ -200,8 +202,9 @@ def main() -> None:
 def real_logme_of_misses(index, same: list[dict]) -> list[dict]:
     """For each task whose own source the default ranking does not put first: LogME of its
     held-out rows on the real fine-tuned encoders (CACHE/models, kept by build_pool.py) of its
-    own task and of the source ranked first. Where the real models also prefer the source
-    ranked first, no better map could have fixed the miss: the fine-tuning decides it."""
+    own task and of the source ranked first (their ESM-LogME comes from ``same``). Where the
+    real models also prefer the source ranked first, no better map could have fixed the miss:
+    the fine-tuning decides it."""
     from transformers import AutoModel
 
     from esm_index.logme import logme
@@ -214,11 +217,9 @@ def real_logme_of_misses(index, same: list[dict]) -> list[dict]:
             continue
         data, _ = common.load_task(own)
         texts = [data.texts[i] for i in common.split(own, len(data))[1]]
-        x, y = common.held_out_target(own, index.embedder)
-        esm = {r.meta.get("task_id"): r.esm_logme for r in index.rank_embeddings(
-            x, y, "classification", top=len(index), exact=True, method="esm-logme").results}
+        _, y = common.held_out_target(own, index.embedder)  # the base embeddings are cached by then
         real = [logme(index.embedder.with_model(AutoModel.from_pretrained(m)).embed(texts), y) for m in models]
-        out.append({"target": own, "first": first, "esm_own": esm[own], "esm_first": esm[first],
+        out.append({"target": own, "first": first, "esm_own": s["esm_logme_own"], "esm_first": s["esm_logme_top1"],
                     "real_own": real[0], "real_first": real[1]})
         print(f"miss {own}: first {first}; real LogME own {real[0]:.4f}, first {real[1]:.4f}", flush=True)
     return out
