@@ -8,8 +8,9 @@ come first. The three sample targets (indexes/samples) likewise, by their texts.
 method alone (ESM-LogME, domain similarity), and for the combined ranking at several domain
 weights (``--weights``: the sweep that chose ``domain.DOMAIN_WEIGHT``).
 
-Each miss is then judged by LogME on the real fine-tuned encoders of the own source and of
-the one ranked first (CACHE/models): is the miss the map's, or the fine-tuning's?
+Each miss (a pool task's or a sample's) is then judged by LogME on the real fine-tuned
+encoders of the own source and of the one ranked first (CACHE/models): is the miss the map's,
+or the fine-tuning's?
 
 Fidelity: for each of ``common.FIDELITY_TARGETS`` (held-out rows, n = 500) and every other
 source, LogME on the real fine-tuned model's embeddings (fidelity.npz from build_pool.py)
@@ -79,6 +80,7 @@ def main() -> None:
     f16_same, f16_diff = 0, 0.0
     recall: dict[int, list[float]] = {k: [] for k in (5, 8, 10, 15)}
     same, winners = [], {}
+    missed = []  # each miss, pool task or sample: texts, dense labels, own source, the one ranked first
     for tid in tasks:
         x, y = common.held_out_target(tid, index.embedder)
         ranking = index.rank_embeddings(x, y, "classification", top=len(index))
@@ -112,6 +114,11 @@ def main() -> None:
                      "esm_logme_own": esm_logme[tid], "esm_logme_top1": esm_logme[first],
                      "own_rank_esm_logme": alone["esm-logme"], "own_rank_domain": alone["domain"],
                      "own_rank_null_adjusted": int(1 + np.sum(adjusted > adjusted[tasks.index(tid)]))})
+        if same[-1]["own_rank"] > 1:  # judged by the real models below
+            data, _ = common.load_task(tid)
+            missed.append({"target": tid, "own": tid, "first": first, "y": y, "esm_own": esm_logme[tid],
+                           "esm_first": esm_logme[first],
+                           "texts": [data.texts[i] for i in common.split(tid, len(data))[1]]})
         print(f"same-task {tid}: own source #{same[-1]['own_rank']} (top-1 {first}); ESM-LogME alone "
               f"#{alone['esm-logme']}, domain alone #{alone['domain']}; "
               f"null-adjusted #{same[-1]['own_rank_null_adjusted']}", flush=True)
@@ -121,14 +128,21 @@ def main() -> None:
     for fname, own, _, _ in SAMPLES:
         target = load_labelled(common.SAMPLES / fname, ["text"], "label")
         ranking = index.rank(target.texts, target.labels, target.task, top=len(index))
+        scores = {name_to_task.get(r.source): r.esm_logme for r in ranking.results}
         samples.append({"sample": fname, "own": own, "own_rank": position(ranking, own),
                         "top3": [name_to_task.get(r.source) for r in ranking.results[:3]],
+                        "esm_logme_own": scores[own],
+                        "esm_logme_top1": scores[name_to_task.get(ranking.results[0].source)],
                         **{f"own_rank_{m.replace('-', '_')}": position(index.rank(
                             target.texts, target.labels, target.task, top=len(index), method=m), own)
                            for m in ("esm-logme", "domain")}})
         print(f"sample {fname}: own source #{samples[-1]['own_rank']}", flush=True)
+        if samples[-1]["own_rank"] > 1:
+            missed.append({"target": fname, "own": own, "first": samples[-1]["top3"][0], "texts": target.texts,
+                           "y": np.unique(target.labels, return_inverse=True)[1],
+                           "esm_own": samples[-1]["esm_logme_own"], "esm_first": samples[-1]["esm_logme_top1"]})
 
-    misses = real_logme_of_misses(index, same)
+    misses = real_logme_of_misses(index, missed)
 
     # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
     fidelity = []
@@ -199,29 +213,27 @@ def main() -> None:
                                          "float16_max_diff": f16_diff}, indent=1))
 
 
-def real_logme_of_misses(index, same: list[dict]) -> list[dict]:
-    """For each task whose own source the default ranking does not put first: LogME of its
-    held-out rows on the real fine-tuned encoders (CACHE/models, kept by build_pool.py) of its
-    own task and of the source ranked first (their ESM-LogME comes from ``same``). Where the
-    real models also prefer the source ranked first, no better map could have fixed the miss:
-    the fine-tuning decides it."""
+def real_logme_of_misses(index, missed: list[dict]) -> list[dict]:
+    """For each miss (a pool task's held-out rows, or a sample, whose own source the default
+    ranking does not put first): LogME of its texts on the real fine-tuned encoders
+    (CACHE/models, kept by build_pool.py) of its own task and of the source ranked first.
+    Where the real models also prefer the source ranked first, no better map could have fixed
+    the miss: the fine-tuning decides it."""
     from transformers import AutoModel
 
     from esm_index.logme import logme
 
     out = []
-    for s in same:
-        own, first = s["target"], s["top1"]
-        models = [common.CACHE / "models" / t for t in (own, first)]
-        if s["own_rank"] == 1 or not all((m / "config.json").is_file() for m in models):
+    for m in missed:
+        models = [common.CACHE / "models" / t for t in (m["own"], m["first"])]
+        if not all((p / "config.json").is_file() for p in models):
             continue
-        data, _ = common.load_task(own)
-        texts = [data.texts[i] for i in common.split(own, len(data))[1]]
-        _, y = common.held_out_target(own, index.embedder)  # the base embeddings are cached by then
-        real = [logme(index.embedder.with_model(AutoModel.from_pretrained(m)).embed(texts), y) for m in models]
-        out.append({"target": own, "first": first, "esm_own": s["esm_logme_own"], "esm_first": s["esm_logme_top1"],
-                    "real_own": real[0], "real_first": real[1]})
-        print(f"miss {own}: first {first}; real LogME own {real[0]:.4f}, first {real[1]:.4f}", flush=True)
+        real = [logme(index.embedder.with_model(AutoModel.from_pretrained(p)).embed(m["texts"]), m["y"])
+                for p in models]
+        out.append({"target": m["target"], "first": m["first"], "esm_own": m["esm_own"],
+                    "esm_first": m["esm_first"], "real_own": real[0], "real_first": real[1]})
+        print(f"miss {m['target']}: first {m['first']}; real LogME own {real[0]:.4f}, first {real[1]:.4f}",
+              flush=True)
     return out
 
 
