@@ -19,7 +19,6 @@ Usage: python tools/compare_pools.py RUNS_A INDEX_A RUNS_B INDEX_B [--names "100
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -27,18 +26,7 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transfer_bench import TARGETS, candidates, load_target, target_split  # noqa: E402
-
-
-def accuracies(runs: Path) -> dict[tuple[str, str], list[float]]:
-    """(target, source) -> test accuracy per seed, in seed order (the first run of a key)."""
-    first = {}
-    for r in map(json.loads, runs.read_text().splitlines()):
-        first.setdefault((r["target"], r["source"], r["seed"]), r["acc"])
-    out: dict[tuple[str, str], list[float]] = {}
-    for (target, source, _), acc in sorted(first.items(), key=lambda kv: kv[0][2]):
-        out.setdefault((target, source), []).append(acc)
-    return out
+from transfer_bench import TARGETS, accuracies, candidates, load_target, target_split  # noqa: E402
 
 
 def default_order(index, x: np.ndarray, labels: np.ndarray, cands: list[str]) -> list[str]:

@@ -214,11 +214,18 @@ def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
             **{k: v for k, v in product.items() if k.startswith("combined, ")}}
 
 
-def report(args) -> None:
-    runs = {(r["target"], r["source"], r["seed"]): r for r in map(json.loads, reversed(args.out.read_text().splitlines()))}
+def accuracies(out: Path) -> dict[tuple[str, str], list[float]]:
+    """(target, source) -> test accuracy per seed, in seed order; the first run of a key counts."""
+    lines = reversed(out.read_text().splitlines())  # so that the first run of a key is kept
+    runs = {(r["target"], r["source"], r["seed"]): r["acc"] for r in map(json.loads, lines)}
     acc: dict[tuple[str, str], list[float]] = {}
-    for (target, source, seed) in sorted(runs, key=lambda k: k[2]):  # the first run of a key, in seed order
-        acc.setdefault((target, source), []).append(runs[(target, source, seed)]["acc"])
+    for key in sorted(runs, key=lambda k: k[2]):
+        acc.setdefault(key[:2], []).append(runs[key])
+    return acc
+
+
+def report(args) -> None:
+    acc = accuracies(args.out)
     metrics = ("regret@1", "regret@3", "regret@5", "NDCG@5")
     table: dict[str, dict[str, list[float]]] = {}
     per_target = []
