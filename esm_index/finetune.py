@@ -133,10 +133,16 @@ def finetune(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None 
 
 
 def finetune_with_head(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
-                       progress: bool = False):
+                       progress: bool = False, probe_head: bool = False):
     """Fine-tune a copy of the embedder's encoder with a linear head on its pooled embedding
     (cross-entropy for classes, MSE for regression); AdamW with a linear schedule.
-    Returns (encoder, head), both in eval mode; the transfer benchmark predicts with the head."""
+    Returns (encoder, head), both in eval mode; the transfer benchmark predicts with the head.
+
+    ``probe_head``: start the head from a linear probe of the starting encoder's features
+    (``fit_probe_head``) instead of at random: LP-FT (Kumar et al., ICLR 2022). At a small
+    learning rate a random head hardly moves in a few dozen steps, so a short fine-tune on a
+    small target then measures how the random head happens to line up with the encoder more
+    than what the encoder knows (BENCHMARKS.md §5, session 12)."""
     import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -156,11 +162,20 @@ def finetune_with_head(embedder: Embedder, data: LabelledData, cfg: FinetuneConf
     device = embedder.device
     encoder = copy.deepcopy(embedder.model).to(device).train()
     head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(embedder.dim, n_out)).to(device)
+    max_length = cfg.max_length or embedder.spec.max_length
+    if probe_head:  # the features the head will see, at the fine-tuning's token limit
+        encoder.eval()
+        with torch.no_grad():  # not inference_mode: the probe's fit needs autograd on these
+            feats = torch.cat([embedder.pool(encoder(**enc), enc["attention_mask"]) for enc in (
+                embedder.tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=max_length,
+                                   return_tensors="pt", return_token_type_ids=False).to(device)
+                for i in range(0, len(texts), 64))])
+        fit_probe_head(head[1], feats, labels, data.regression)
+        encoder.train()
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = planned_steps(len(idx), cfg)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
-    max_length = cfg.max_length or embedder.spec.max_length
     bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress, leave=False)
     for batch in _batches(len(idx), cfg.batch_size, steps):
         enc = embedder.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
@@ -180,6 +195,39 @@ def finetune_with_head(embedder: Embedder, data: LabelledData, cfg: FinetuneConf
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return encoder.eval(), head.eval()
+
+
+def fit_probe_head(linear, feats, labels, regression: bool, l2: float = 1e-3) -> None:
+    """Set ``linear`` (d -> outputs) to the L2-regularised linear probe of ``feats``: ridge
+    regression in closed form, or multinomial logistic regression by L-BFGS (a convex fit, so
+    the result does not depend on where it starts). ``l2`` weighs ||W||^2 against the mean loss."""
+    import torch
+
+    x = feats.to(linear.weight.device, torch.float32)
+    y = labels.to(x.device)
+    n, d = x.shape
+    if regression:
+        xb = torch.cat([x, torch.ones(n, 1, device=x.device)], 1)
+        reg = l2 * n * torch.eye(d + 1, device=x.device)
+        reg[d, d] = 0  # the bias is not shrunk
+        sol = torch.linalg.solve(xb.T @ xb + reg, xb.T @ y.float())
+        w, b = sol[:d].T, sol[d]
+    else:
+        w = torch.zeros(linear.out_features, d, device=x.device, requires_grad=True)
+        b = torch.zeros(linear.out_features, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                line_search_fn="strong_wolfe")
+
+        def loss():
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(x @ w.T + b, y) + l2 * (w * w).sum()
+            value.backward()
+            return value
+
+        opt.step(loss)
+    with torch.no_grad():
+        linear.weight.copy_(w.detach())
+        linear.bias.copy_(b.detach())
 
 
 def planned_steps(n_examples: int, cfg: FinetuneConfig) -> int:

@@ -76,6 +76,46 @@ def test_step_budget_is_fixed_and_capped_by_passes(tiny_model):
     assert head[1].out_features == 2
 
 
+def test_probe_head_is_the_linear_probe_of_the_starting_features(tiny_model):
+    """LP-FT: ``fit_probe_head`` fits the convex probe (logistic or ridge), and
+    ``finetune_with_head(probe_head=True)`` starts from the probe of the very features the
+    fine-tuning feeds the head (same encoder, pooling and token limit)."""
+    import torch
+
+    from esm_index.finetune import finetune_with_head, fit_probe_head
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(300, 8)).astype(np.float32))
+    y = (x[:, 0] - 2 * x[:, 3] > 0).long()
+    linear = torch.nn.Linear(8, 2)
+    fit_probe_head(linear, x, y, regression=False)
+    assert float((linear(x).argmax(1) == y).float().mean()) > 0.97
+    target = x @ torch.tensor([[1.0], [0], [0], [-2], [0], [0], [0], [0.5]]) + 3
+    ridge = torch.nn.Linear(8, 1)
+    fit_probe_head(ridge, x, target, regression=True, l2=0.0)
+    np.testing.assert_allclose(ridge.weight.detach().numpy().ravel(), [1, 0, 0, -2, 0, 0, 0, 0.5], atol=1e-4)
+    np.testing.assert_allclose(float(ridge.bias.detach()), 3.0, atol=1e-4)
+
+    texts, names = read_sample("sms_spam", 60)
+    labels, label_names = encode_labels(names, "classification")
+    data = LabelledData(texts, labels, "classification", label_names)
+    embedder = Embedder(tiny_model, EmbeddingSpec("tiny", max_length=32))
+    cfg = FinetuneConfig(batch_size=8, epochs=1, max_steps=1, lr=1e-12, max_length=16)  # a step that moves nothing
+    _, head = finetune_with_head(embedder, data, cfg, probe_head=True)
+    expected = torch.nn.Linear(embedder.dim, 2)
+    feats = Embedder(tiny_model, EmbeddingSpec("tiny", max_length=16)).embed(texts)  # the fine-tuning's limit
+    fit_probe_head(expected, torch.from_numpy(feats), torch.as_tensor(labels), regression=False)
+    _, random_head = finetune_with_head(embedder, data, cfg)
+
+    def probs(linear):
+        with torch.no_grad():
+            return torch.softmax(linear(torch.from_numpy(feats)), 1).numpy()
+
+    # the same fit up to float noise (which an ill-conditioned probe amplifies in W, not in its output)
+    np.testing.assert_allclose(probs(head[1]), probs(expected), atol=2e-3)
+    assert np.abs(probs(random_head[1]) - probs(expected)).max() > 0.1
+
+
 def test_the_pool_recipe_is_read_back_from_the_sources_metadata():
     """A pool's recipe comes back from what its sources recorded, in both records' shapes:
     build_pool's (steps got, lowered by the pass cap for a small task) and add's (the config);

@@ -13,7 +13,8 @@ Rankings use the target's training part only, as in ``transfer_bench.py --report
 Differences are paired on targets and seeds: B - A on seed-mean accuracy, the sd over seeds
 of the same difference computed from each seed alone, and a bootstrap over targets.
 
-Usage: python tools/compare_pools.py RUNS_A INDEX_A RUNS_B INDEX_B [--names "100 steps,300 steps"]
+Usage: python tools/compare_pools.py RUNS_A INDEX_A RUNS_B INDEX_B [--names "100 steps,300 steps"] [--head random]
+(session 11's comparison was made on random-head runs: --head random reproduces it)
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def main() -> None:
     ap.add_argument("--sources", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--train", type=int, default=128)
+    ap.add_argument("--head", choices=("probe", "random"), default="probe",
+                    help="which runs to read: the target head's start (transfer_bench.py --head)")
     args = ap.parse_args()
     names = args.names.split(",")
-    accs = [accuracies(args.runs_a), accuracies(args.runs_b)]
+    accs = [accuracies(args.runs_a, args.head), accuracies(args.runs_b, args.head)]
     indexes = [SourceIndex(args.index_a, readonly=True), SourceIndex(args.index_b, readonly=True)]
 
     def complete(acc, target, cands):

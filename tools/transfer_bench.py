@@ -7,7 +7,12 @@ targets and held-out rows of pool tasks, ``TARGETS``), split into a small traini
   * fine-tune the base model on the target's training part directly (source "none"), and
   * after intermediate fine-tuning on each candidate source (the fine-tuned encoders that
     tools/build_pool.py keeps in CACHE/models), fine-tune on the same training part;
-then measure accuracy on the test part. Every (target, source, seed) run is one JSONL line in
+then measure accuracy on the test part. The target's head starts from a linear probe of the
+starting encoder's features (LP-FT, ``--head probe``, since session 12): with a random head,
+which a few dozen steps at lr 5e-5 hardly move, accuracy measured how that head happened to
+line up with each encoder (a sentiment source scored 0.32 on a balanced sentiment target,
+0.79 with the probe head; BENCHMARKS.md §5). Each run also records ``probe_acc``, the probe's
+accuracy before fine-tuning (``--truth probe_acc`` reports on it). Every (target, source, seed) run is one JSONL line in
 ``--out``; a rerun skips the lines already there, and ``--worker i/n`` shares the runs between
 processes.
 
@@ -19,7 +24,12 @@ paper's definition, on seed-mean accuracy; NDCG@5 with each source's accuracy ga
 worst candidate as its relevance. Seed noise: the same metrics computed on each seed's
 accuracies alone, their standard deviation across seeds.
 
+``--own`` instead runs each sample target's own task and its twins as sources, the ones the
+candidates leave out, to see whether the same-task check's "own task first" is also what
+transfers best (write them to another ``--out``: the report ignores them anyway).
+
 Usage: python tools/transfer_bench.py [--worker 0/2] [--threads 1]
+       python tools/transfer_bench.py --own --seeds 5 --out own.jsonl
        python tools/transfer_bench.py --report [--json out.json]
 """
 
@@ -105,12 +115,26 @@ def run_one(embedder, target: str, source: str, seed: int, args) -> dict:
         AutoModel.from_pretrained(common.CACHE / "models" / source))
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=16, lr=args.lr, max_length=args.max_length, seed=seed)
     t0 = time.perf_counter()
-    encoder, head = finetune_with_head(start, train, cfg)
+    encoder, head = finetune_with_head(start, train, cfg, probe_head=args.head == "probe")
     with torch.inference_mode():
         pooled = torch.from_numpy(embedder.with_model(encoder).embed(test.texts))
         acc = float((head(pooled).argmax(1).numpy() == test.labels).mean())
-    return {"target": target, "source": source, "seed": seed, "acc": acc, "train": len(train),
-            "test": len(test), "seconds": round(time.perf_counter() - t0, 1)}
+    return {"target": target, "source": source, "seed": seed, "head": args.head, "acc": acc,
+            "probe_acc": probe_accuracy(start, train, test), "train": len(train), "test": len(test),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def probe_accuracy(start, train: LabelledData, test: LabelledData) -> float:
+    """Test accuracy of a linear probe of the starting encoder's features, before any
+    fine-tuning on the target: what the source's space alone gives (seed-free)."""
+    import torch
+
+    from esm_index.finetune import fit_probe_head
+
+    linear = torch.nn.Linear(start.dim, int(train.labels.max()) + 1)
+    fit_probe_head(linear, torch.from_numpy(start.embed(train.texts)), torch.as_tensor(train.labels), False)
+    with torch.inference_mode():
+        return float((linear(torch.from_numpy(start.embed(test.texts))).argmax(1).numpy() == test.labels).mean())
 
 
 def run(args) -> None:
@@ -121,13 +145,16 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     def done() -> set:
-        return {(r["target"], r["source"], r["seed"]) for r in map(json.loads, args.out.open())} \
-            if args.out.is_file() else set()
+        return {(r["target"], r["source"], r["seed"]) for r in map(json.loads, args.out.open())
+                if r.get("head", "random") == args.head} if args.out.is_file() else set()
 
     me, workers = map(int, args.worker.split("/"))
     # target by target, so that a study cut short still reports whole targets
     todo = [(t, s, seed) for t in TARGETS for seed in range(args.seeds)
             for s in ["none", *candidates(t, args.sources)]]
+    if args.own:  # the samples' own tasks and their twins, which the candidates leave out
+        todo = [(t, s, seed) for t, own in OWN.items() for seed in range(args.seeds)
+                for s in sorted({own, *(s for s in SOURCES if common.twins(s, own))})]
     todo = [k for k in todo if k not in done() and zlib.crc32(repr(k).encode()) % workers == me]
     if args.reverse:  # a second process on the same share, meeting the first in the middle
         todo.reverse()
@@ -214,10 +241,13 @@ def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
             **{k: v for k, v in product.items() if k.startswith("combined, ")}}
 
 
-def accuracies(out: Path) -> dict[tuple[str, str], list[float]]:
-    """(target, source) -> test accuracy per seed, in seed order; the first run of a key counts."""
+def accuracies(out: Path, head: str = "probe", truth: str = "acc") -> dict[tuple[str, str], list[float]]:
+    """(target, source) -> test accuracy per seed, in seed order; the first run of a key counts.
+    Only runs made with ``head`` (lines from before session 12 have no "head": "random");
+    ``truth``: "acc" after fine-tuning, or "probe_acc", the linear probe before it."""
     lines = reversed(out.read_text().splitlines())  # so that the first run of a key is kept
-    runs = {(r["target"], r["source"], r["seed"]): r["acc"] for r in map(json.loads, lines)}
+    runs = {(r["target"], r["source"], r["seed"]): r[truth] for r in map(json.loads, lines)
+            if r.get("head", "random") == head and truth in r}
     acc: dict[tuple[str, str], list[float]] = {}
     for key in sorted(runs, key=lambda k: k[2]):
         acc.setdefault(key[:2], []).append(runs[key])
@@ -225,7 +255,8 @@ def accuracies(out: Path) -> dict[tuple[str, str], list[float]]:
 
 
 def report(args) -> None:
-    acc = accuracies(args.out)
+    acc = accuracies(args.out, args.head, args.truth)
+    print(f"ground truth: {args.truth} of the runs made with a {args.head} head")
     metrics = ("regret@1", "regret@3", "regret@5", "NDCG@5")
     table: dict[str, dict[str, list[float]]] = {}
     per_target = []
@@ -330,6 +361,12 @@ def main() -> None:
     ap.add_argument("--worker", default="0/1", help="i/n: this process runs the i-th of n shares")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reverse", action="store_true", help="take this share's runs last first")
+    ap.add_argument("--head", choices=("probe", "random"), default="probe",
+                    help="start the target's head from a linear probe (LP-FT, since session 12) or at random")
+    ap.add_argument("--truth", choices=("acc", "probe_acc"), default="acc",
+                    help="report on accuracy after fine-tuning, or the probe's before it")
+    ap.add_argument("--own", action="store_true",
+                    help="run each sample's own task and its twins instead of the candidates (use another --out)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
     ap.add_argument("--json", type=Path, default=None)
