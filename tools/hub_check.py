@@ -26,7 +26,6 @@ Usage: python tools/hub_check.py [--lambdas 0,0.25,0.5,1] [--ref-rows 200]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -79,9 +78,7 @@ def main() -> None:
         for name, v in variants(*scores(x, y), hub(t)).items():
             place.setdefault(name, []).append(int(1 + np.sum(v > v[tasks.index(t)])))
 
-    acc: dict[tuple[str, str], dict[int, float]] = {}
-    for rec in map(json.loads, tb.OUT.read_text().splitlines()):
-        acc.setdefault((rec["target"], rec["source"]), {})[rec["seed"]] = rec["acc"]
+    acc = tb.accuracies(tb.OUT)  # the probe-head runs (LP-FT), per seed in seed order
     regrets: dict[str, dict[int, list[float]]] = {}
     for target in tb.TARGETS:
         cands = [s for s in tb.candidates(target, 8) if len(acc.get((target, s), {})) >= 3]
