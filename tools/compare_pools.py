@@ -50,9 +50,11 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=128)
     ap.add_argument("--head", choices=("probe", "random"), default="probe",
                     help="which runs to read: the target head's start (transfer_bench.py --head)")
+    ap.add_argument("--truth", choices=("acc", "probe_acc"), default="acc",
+                    help="accuracy after fine-tuning, or the probe's (--probe-only runs: with --seeds 1)")
     args = ap.parse_args()
     names = args.names.split(",")
-    accs = [accuracies(args.runs_a, args.head), accuracies(args.runs_b, args.head)]
+    accs = [accuracies(runs, args.head, args.truth) for runs in (args.runs_a, args.runs_b)]
     indexes = [SourceIndex(args.index_a, readonly=True), SourceIndex(args.index_b, readonly=True)]
 
     def complete(acc, target, cands):
