@@ -195,7 +195,7 @@ def _source_name(meta: dict, path: Path, name_from: str) -> str:
 # on the same footing as the others.
 @click.option("--max-examples", type=int, default=None, help="Fine-tuning sample cap [default: 10000].")
 @click.option("--fit-examples", type=int, default=None, help="Texts used to fit the ESM [default: 1500].")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (batch 32) [default: the pool's, else 300].")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (batch 32) [default: the pool's, else 100].")
 @click.option("--epochs", type=int, default=None, help="At most this many passes [default: the pool's, else 10].")
 @click.option("--lr", type=float, default=None, help="AdamW learning rate [default: the pool's, else 5e-5].")
 @click.option("--max-length", type=int, default=None, help="Fine-tuning truncation in tokens [default: the pool's, else 64].")

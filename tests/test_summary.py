@@ -127,9 +127,8 @@ def test_on_real_maps_a_large_target_is_ranked_through_the_pool():
     are made), its probe and mean summary, and a real 600-example target embedded by the
     packaged MiniLM (the movie-review and SMS samples as one 4-class task; n > D = 384).
     On the target's own top 32 directions the refining score orders these 126 sources far
-    from the exact one (Spearman 0.27 on the 300-step maps, 0.51 on the earlier 100-step
-    ones); through the pool it orders them much closer to it (0.71; 0.84) and keeps the
-    exact top-3 well inside the 32-source shortlist (9th, 10th and 13th; 1st, 3rd, 4th)."""
+    from the exact one (Spearman 0.51); through the pool it orders them like it (0.84) and
+    ranks the exact top-3 1st, 3rd and 4th."""
     from scipy.stats import spearmanr
 
     from conftest import REPO, read_sample
@@ -153,5 +152,5 @@ def test_on_real_maps_a_large_target_is_ranked_through_the_pool():
     exact = score_esms(stats, torch.from_numpy(w), torch.from_numpy(b))
     plain = refining_scores(TargetView(stats), w, b, 32)
     pooled = refining_scores(TargetView(stats, pool=pool), w, b, 32)
-    assert spearmanr(plain, exact)[0] < 0.5 < 0.65 < spearmanr(pooled, exact)[0]
-    assert set(np.argsort(-exact)[:3]) <= set(np.argsort(-pooled)[:16])
+    assert spearmanr(plain, exact)[0] < 0.6 < 0.75 < spearmanr(pooled, exact)[0]
+    assert set(np.argsort(-exact)[:3]) <= set(np.argsort(-pooled)[:10])
