@@ -12,9 +12,9 @@ starting encoder's features (LP-FT, ``--head probe``, since session 12): with a 
 which a few dozen steps at lr 5e-5 hardly move, accuracy measured how that head happened to
 line up with each encoder (a sentiment source scored 0.32 on a balanced sentiment target,
 0.79 with the probe head; BENCHMARKS.md §5). Each run also records ``probe_acc``, the probe's
-accuracy before fine-tuning (``--truth probe_acc`` reports on it). Every (target, source, seed) run is one JSONL line in
-``--out``; a rerun skips the lines already there, and ``--worker i/n`` shares the runs between
-processes.
+accuracy before fine-tuning (``--truth probe_acc`` reports on it). Every (target, source,
+seed) run is one JSONL line in ``--out``; a rerun skips the lines already there, and
+``--worker i/n`` shares the runs between processes.
 
 ``--report`` then scores rankings of each target's candidates, all computed from the
 target's training part only: the index's three methods (the default "combined", ESM-LogME
