@@ -164,14 +164,10 @@ def finetune_with_head(embedder: Embedder, data: LabelledData, cfg: FinetuneConf
     encoder = copy.deepcopy(embedder.model).to(device).train()
     head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(embedder.dim, n_out)).to(device)
     max_length = cfg.max_length or embedder.spec.max_length
-    if probe_head:  # the features the head will see, at the fine-tuning's token limit
-        encoder.eval()
-        with torch.no_grad():  # not inference_mode: the probe's fit needs autograd on these
-            feats = torch.cat([embedder.pool(encoder(**enc), enc["attention_mask"]) for enc in (
-                embedder.tokenizer(texts[i:i + 64], padding=True, truncation=True, max_length=max_length,
-                                   return_tensors="pt", return_token_type_ids=False).to(device)
-                for i in range(0, len(texts), 64))])
-        fit_probe_head(head[1], feats, labels, data.regression)
+    if probe_head:  # the features the head will see: this encoder, at the fine-tuning's token limit
+        start = embedder.with_model(encoder)  # a copy, in eval mode while it embeds
+        start.spec = replace(embedder.spec, max_length=max_length)
+        fit_probe_head(head[1], torch.from_numpy(start.embed(texts)), labels, data.regression)
         encoder.train()
     params = list(encoder.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
