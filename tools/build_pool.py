@@ -19,7 +19,8 @@ Output: CACHE/pool/<task>/ with the ESM in hfselect's format plus ``fidelity.npz
 Resumable and parallel: a task with a DONE marker is skipped; each worker claims a task by
 creating CLAIM (holding its pid) and a claim whose process is gone is taken over, so several
 workers (``--threads 1`` each) share the tasks and an interrupted build redoes only the task
-it was on. ``--refit`` redoes steps 3-4 from the kept encoders, without fine-tuning.
+it was on. ``--refit`` redoes steps 3-4 from the kept encoders, without fine-tuning; ``--models-only``
+does steps 1, 2 and 5 alone (the encoders the transfer study needs, no maps).
 
 Usage: python tools/build_pool.py [--steps 100] [--lr 5e-5] [--max-length 64]
        [--fit-examples 1500] [--threads N] [--only TASK ...] [--refit] [--out DIR]
@@ -137,8 +138,9 @@ def fit_one(embedder: Embedder, source: LabelledData, tuned, cfg: FinetuneConfig
             "identity_mse": esm.meta["fit"]["identity_mse"], "fit_texts": esm.meta["fit_texts"]}
 
 
-def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cache: Path) -> dict:
-    """Steps 1-5 above for one task; returns its build record."""
+def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cache: Path,
+              fit: bool = True) -> dict:
+    """Steps 1-5 above for one task (without ``fit``, steps 1, 2 and 5); returns its build record."""
     data, meta = common.load_task(tid, cache)
     tgt_idx = common.split(tid, len(data))[1]
     source = common.subset(data, common.source_rows(tid, data, cache))
@@ -149,6 +151,9 @@ def build_one(embedder: Embedder, tid: str, cfg: FinetuneConfig, out: Path, cach
     shutil.rmtree(models, ignore_errors=True)
     tuned.save_pretrained(models, safe_serialization=True)
     steps = planned_steps(len(source), cfg)
+    if not fit:
+        return {"task": tid, "source_rows": len(source), "steps": steps, "finetune_s": round(t1 - t0, 1),
+                "models_only": True}
     record = fit_one(embedder, source, tuned, cfg, out, cache, {
         "task_id": tid, "title": meta["name"], "language": meta["language"], "task_type": "classification",
         "label_names": meta["label_names"], "num_examples": len(source), "held_out_target_rows": len(tgt_idx),
@@ -195,6 +200,9 @@ def main() -> None:
     ap.add_argument("--refit", action="store_true",
                     help="refit every built task's ESM from its kept encoder (CACHE/models), no fine-tuning")
     ap.add_argument("--out", type=Path, default=None, help="where the ESM folders go (default CACHE/pool)")
+    ap.add_argument("--models-only", action="store_true",
+                    help="only fine-tune and keep each encoder (CACHE/models), no ESM: what the transfer study "
+                         "needs, in about a third of the time; marked done in CACHE/models_built")
     ap.add_argument("--write-fit-texts", type=int, default=None, metavar="PER_TASK",
                     help="only write esm_index/fit_texts.txt (reference texts + PER_TASK source rows of each task)")
     args = ap.parse_args()
@@ -209,16 +217,19 @@ def main() -> None:
     embedder = Embedder(args.model)
     cfg = replace(POOL_RECIPE, fit_examples=args.fit_examples, epochs=args.max_passes, max_steps=args.steps,
                   lr=args.lr, max_length=args.max_length)
-    pool = args.out or args.cache / "pool"
+    pool = args.out or args.cache / ("models_built" if args.models_only else "pool")
     log = pool / "_build_log.jsonl"  # "_": not matched by the README's pool/[a-z]* import glob
     for tid in tids:
         out = pool / tid
         if args.refit and not (args.cache / "models" / tid / "config.json").is_file():
             continue  # never built here: nothing to refit
+        if args.models_only and (args.cache / "pool" / tid / "DONE").exists():
+            continue  # a full build kept this encoder already
         if not claim(out):
             continue
         try:
-            record = (refit_one if args.refit else build_one)(embedder, tid, cfg, out, args.cache)
+            record = (refit_one(embedder, tid, cfg, out, args.cache) if args.refit else
+                      build_one(embedder, tid, cfg, out, args.cache, fit=not args.models_only))
         except BaseException:
             (out / "CLAIM").unlink(missing_ok=True)
             raise

@@ -30,10 +30,20 @@ transfers best (write them to another ``--out``: the report ignores them anyway)
 
 ``--probe-only`` skips the fine-tuning: each start's linear probe alone, one run per
 (target, source), in seconds instead of a minute and a half for three seeds. Report on it with
-``--truth probe_acc --seeds 1`` (same ``--out``).
+``--truth probe_acc --seeds 1`` (same ``--out``). ``--test 1000`` tests on up to 1,000 rows
+(a pool task's own source rows after its held-out ones) instead of 200, to halve the test
+noise; such runs also record ``probe_acc_200``, on the usual 200 rows.
+
+The report also scores two experiments beside the product's rankings (session 13): the
+leave-one-out accuracy of a ridge classifier on the ESM-mapped or the real fine-tuned
+embeddings (``ridge_loo_accuracy``: the ground truth is a linear probe's accuracy, which
+LogME's evidence only approximates), and the default at the domain weight chosen on the
+other targets (with ``--weights``). And it asks whether any score can tell a user that a
+source will help at all: each score's predicted gain over the base embeddings against the
+true gain over no intermediate training, over every (target, source) pair.
 
 Usage: python tools/transfer_bench.py [--worker 0/2] [--threads 1]
-       python tools/transfer_bench.py --probe-only --out probe.jsonl
+       python tools/transfer_bench.py --probe-only --out probe.jsonl [--test 1000 --sources 15]
        python tools/transfer_bench.py --own --seeds 5 --out own.jsonl
        python tools/transfer_bench.py --report [--json out.json]
 """
@@ -94,13 +104,36 @@ def load_target(name: str) -> LabelledData:
     return LabelledData(part.texts, np.unique(part.labels, return_inverse=True)[1], "classification")
 
 
-def target_split(name: str, data: LabelledData, train: int) -> tuple[LabelledData, LabelledData]:
-    """A fixed split of a target into a small training part and a test part (at most 200)."""
+def target_split(name: str, data: LabelledData, train: int, test: int = 200) -> tuple[LabelledData, LabelledData]:
+    """A fixed split of a target into a small training part and a test part (at most ``test``
+    rows; a larger ``test`` keeps the smaller one's rows and adds more).
+
+    A pool task's target has 500 held-out rows, so past 372 test rows its test part goes on
+    with the task's own source rows (``more_test_rows``): no candidate was trained on them,
+    since a target's own task and its twins are never candidates. 200 test rows leave a
+    probe's accuracy a standard error of about 3.5 points, as large as the gaps between
+    sources; 1,000 halve it. The training part, all the rankings see, is the same at any size."""
     order = np.random.default_rng(zlib.crc32(name.encode())).permutation(len(data))
-    tr, te = np.sort(order[:train]), np.sort(order[train:train + 200])
+    tr, te = np.sort(order[:train]), np.sort(order[train:train + test])
     if len(te) < 50:
         raise SystemExit(f"{name}: {len(data)} rows leave {len(te)} to test on after {train} for training")
-    return common.subset(data, tr), common.subset(data, te)
+    test_part = common.subset(data, te)
+    if len(te) < test and name.startswith("task:"):
+        more = more_test_rows(name.split(":", 1)[1], test - len(te))
+        test_part = LabelledData(test_part.texts + more.texts, np.concatenate([test_part.labels, more.labels]),
+                                 "classification")
+    return common.subset(data, tr), test_part
+
+
+def more_test_rows(task: str, k: int) -> LabelledData:
+    """Up to ``k`` of a pool task's source rows, in a fixed random order, with its held-out
+    rows' class numbering (``load_target``; rows of a class the held-out rows lack are left out)."""
+    data, _ = common.load_task(task)
+    src, tgt = common.split(task, len(data))
+    dense = {c: i for i, c in enumerate(np.unique(data.labels[tgt]))}
+    src = np.random.default_rng(zlib.crc32(task.encode()) + 1).permutation(src)
+    src = [i for i in src if data.labels[i] in dense][:k]
+    return LabelledData([data.texts[i] for i in src], np.array([dense[data.labels[i]] for i in src]), "classification")
 
 
 def candidates(name: str, k: int) -> list[str]:
@@ -115,28 +148,38 @@ def run_one(embedder, target: str, source: str, seed: int, args) -> dict:
 
     from esm_index.finetune import FinetuneConfig, finetune_with_head
 
-    train, test = target_split(target, load_target(target), args.train)
+    train, test = target_split(target, load_target(target), args.train, args.test)
     start = embedder if source == "none" else embedder.with_model(
         AutoModel.from_pretrained(common.CACHE / "models" / source))
     if args.probe_only:  # no fine-tuning on the target: the probe alone, which has no seed
         t0 = time.perf_counter()
-        return {"target": target, "source": source, "seed": 0, "head": "probe",
-                "probe_acc": probe_accuracy(start, train, test), "train": len(train), "test": len(test),
-                "seconds": round(time.perf_counter() - t0, 1)}
+        right = probe_accuracy(start, train, test, each=True)
+        record = {"target": target, "source": source, "seed": 0, "head": "probe",
+                  "probe_acc": float(right.mean()), "train": len(train), "test": len(test)}
+        if args.test > 200:  # also on the study's usual 200 test rows, a subset of these
+            usual = set(target_split(target, load_target(target), args.train)[1].texts)
+            record["probe_acc_200"] = float(right[[t in usual for t in test.texts]].mean())
+        return {**record, "seconds": round(time.perf_counter() - t0, 1)}
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=16, lr=args.lr, max_length=args.max_length, seed=seed)
     t0 = time.perf_counter()
     encoder, head = finetune_with_head(start, train, cfg, probe_head=args.head == "probe")
     with torch.inference_mode():
         pooled = torch.from_numpy(embedder.with_model(encoder).embed(test.texts))
         acc = float((head(pooled).argmax(1).numpy() == test.labels).mean())
+    if (target, source) not in PROBE_ACC:  # seed-free: fitted once for all seeds of a pair
+        PROBE_ACC[(target, source)] = probe_accuracy(start, train, test)
     return {"target": target, "source": source, "seed": seed, "head": args.head, "acc": acc,
-            "probe_acc": probe_accuracy(start, train, test), "train": len(train), "test": len(test),
+            "probe_acc": PROBE_ACC[(target, source)], "train": len(train), "test": len(test),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def probe_accuracy(start, train: LabelledData, test: LabelledData) -> float:
+PROBE_ACC: dict[tuple[str, str], float] = {}  # (target, source) -> probe_accuracy, this process
+
+
+def probe_accuracy(start, train: LabelledData, test: LabelledData, each: bool = False):
     """Test accuracy of a linear probe of the starting encoder's features, before any
-    fine-tuning on the target: what the source's space alone gives (seed-free)."""
+    fine-tuning on the target: what the source's space alone gives (seed-free). ``each``:
+    whether each test row was right, instead of their mean."""
     import torch
 
     from esm_index.finetune import fit_probe_head
@@ -144,7 +187,13 @@ def probe_accuracy(start, train: LabelledData, test: LabelledData) -> float:
     linear = torch.nn.Linear(start.dim, int(train.labels.max()) + 1)
     fit_probe_head(linear, torch.from_numpy(start.embed(train.texts)), torch.as_tensor(train.labels), False)
     with torch.inference_mode():
-        return float((linear(torch.from_numpy(start.embed(test.texts))).argmax(1).numpy() == test.labels).mean())
+        right = linear(torch.from_numpy(start.embed(test.texts))).argmax(1).numpy() == test.labels
+    return right if each else float(right.mean())
+
+
+def encoder_built(source: str) -> bool:
+    """Whether build_pool.py has kept ``source``'s fine-tuned encoder (a full or --models-only build)."""
+    return any((common.CACHE / folder / source / "DONE").exists() for folder in ("pool", "models_built"))
 
 
 def run(args) -> None:
@@ -173,7 +222,7 @@ def run(args) -> None:
     embedder = Embedder(spec=EmbeddingSpec(max_length=args.max_length))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for i, (t, s, seed) in enumerate(todo, 1):
-        if s != "none" and not (common.CACHE / "pool" / s / "DONE").exists():
+        if s != "none" and not encoder_built(s):
             continue  # not built yet: a later rerun picks it up
         if (t, s, seed) in done():
             continue
@@ -214,13 +263,33 @@ def random_ndcg(perf: dict[str, float], k: int = 5) -> float:
     return expected / ideal if ideal > 0 else 1.0
 
 
-def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
-    """Each method's order of ``cands``, from the target's training part only."""
+def cached_rankings(target: str, cands: list[str], args) -> tuple[dict, dict]:
+    """``rankings``, kept in CACHE/transfer/rankings (a JSON file per target, candidates, index
+    and options): they take half a minute a target and do not depend on the ground truth, so
+    reporting the same study on another truth or --seeds reuses them."""
+    stamp = max(f.stat().st_mtime_ns for f in args.index.iterdir())
+    key = json.dumps([target, cands, str(args.index.resolve()), stamp, args.train, args.weights, RANKINGS_VERSION])
+    path = common.CACHE / "transfer" / "rankings" / f"{zlib.crc32(key.encode()):08x}.json"
+    if path.is_file() and json.loads(path.read_text())["key"] == key:
+        kept = json.loads(path.read_text())
+        return kept["orders"], kept["gains"]
+    orders, gains = rankings(target, cands, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "orders": orders, "gains": gains}))
+    return orders, gains
+
+
+RANKINGS_VERSION = 1  # bump when ``rankings`` changes what it computes
+
+
+def rankings(target: str, cands: list[str], args) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """Each method's order of ``cands``, from the target's training part only; and, for the
+    scores that have a no-source counterpart, each source's predicted gain over the base model
+    (its score minus the same score on the base embeddings)."""
     import torch
     from transformers import AutoModel
 
     from esm_index.domain import combine
-    from esm_index.esm import ESM
     from esm_index.index import SourceIndex
     from esm_index.logme import logme
 
@@ -238,19 +307,57 @@ def rankings(target: str, cands: list[str], args) -> dict[str, list[str]]:
     for wt in args.weights:  # the combined ranking at other domain weights (a sensitivity check)
         score = dict(zip(names, combine([by_task[n] for n in names], dom, "combined", wt)))
         product[f"combined, domain weight {wt:g}"] = sorted(cands, key=lambda s: -score[s])
-    esms = {s: ESM.load(common.CACHE / "pool" / s) for s in cands}
+    source_of = {r.meta.get("task_id", r.source): r.source for r in ranked.results}
+    esms = {s: index.get_esm(source_of[s]) for s in cands}  # the maps the rankings used
     w = torch.from_numpy(np.stack([esms[s].weight for s in cands]))
     b = torch.from_numpy(np.stack([esms[s].bias for s in cands]))
     null = dict(zip(cands, common.label_null_scores(x, train.labels, w, b)))
-    real = {}
+    real, real_loo, mapped_loo = {}, {}, {}
     for s in cands:
         tuned = index.embedder.with_model(AutoModel.from_pretrained(common.CACHE / "models" / s))
-        real[s] = logme(tuned.embed(train.texts), train.labels)
+        feats = tuned.embed(train.texts)
+        real[s] = logme(feats, train.labels)
+        real_loo[s] = ridge_loo_accuracy(feats, train.labels)
+        mapped_loo[s] = ridge_loo_accuracy(esms[s].apply(x), train.labels)
+    base_logme, base_loo = logme(x, train.labels), ridge_loo_accuracy(x, train.labels)[0]
+    gains = {"ESM-LogME - base LogME": {s: by_task[s] - base_logme for s in cands},
+             "ridge LOO accuracy: ESM-mapped - base": {s: mapped_loo[s][0] - base_loo for s in cands},
+             "ridge LOO accuracy: fine-tuned - base": {s: real_loo[s][0] - base_loo for s in cands}}
     return {DEFAULT: product["combined"], "ESM-LogME (esm-logme)": product["esm-logme"],
             "ESM-LogME minus shuffled-label null": sorted(cands, key=lambda s: null[s] - by_task[s]),
             "LogME (fine-tuned)": sorted(cands, key=lambda s: -real[s]),
+            "ridge LOO accuracy (ESM-mapped)": sorted(cands, key=lambda s: mapped_loo[s], reverse=True),
+            "ridge LOO accuracy (fine-tuned)": sorted(cands, key=lambda s: real_loo[s], reverse=True),
             "domain similarity (domain)": product["domain"],
-            **{k: v for k, v in product.items() if k.startswith("combined, ")}}
+            **{k: v for k, v in product.items() if k.startswith("combined, ")}}, gains
+
+
+def ridge_loo_accuracy(x: np.ndarray, labels: np.ndarray,
+                       shrink: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)) -> tuple[float, float]:
+    """Leave-one-out accuracy of a ridge classifier (one-hot least squares with an intercept)
+    on ``x``, in closed form: an experiment beside LogME, which scores the evidence of the same
+    linear model, while the ground truth is a linear probe's accuracy.
+
+    With the centred features' SVD Xc = U S V^T, the hat matrix at ridge lam is
+    H = 11^T/n + U diag(s^2/(s^2+lam)) U^T, and the prediction without row i is
+    y_i - (y_i - (HY)_i) / (1 - h_ii). lam = c * mean(s^2) for c in ``shrink``, the one with
+    the least leave-one-out squared error (PRESS). Returns (accuracy, -PRESS/n), so that sorting
+    breaks accuracy's many ties (it moves in steps of 1/n) by the squared error."""
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    y = np.eye(int(labels.max()) + 1)[labels]
+    u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    uty = u.T @ (y - y.mean(0))
+    best = None
+    for c in shrink:
+        f = s**2 / (s**2 + c * np.mean(s**2))
+        fit = y.mean(0) + u @ (f[:, None] * uty)
+        h = 1 / n + (u**2) @ f
+        loo = y - (y - fit) / (1 - h)[:, None]
+        press = float(((y - loo) ** 2).sum()) / n
+        if best is None or press < best[1]:
+            best = (float((loo.argmax(1) == labels).mean()), press)
+    return best[0], -best[1]
 
 
 def accuracies(out: Path, head: str = "probe", truth: str = "acc") -> dict[tuple[str, str], list[float]]:
@@ -272,12 +379,17 @@ def report(args) -> None:
     metrics = ("regret@1", "regret@3", "regret@5", "NDCG@5")
     table: dict[str, dict[str, list[float]]] = {}
     per_target = []
+    pair_gains: dict[str, list[tuple[float, float]]] = {}  # estimator -> (predicted, true gain) per pair
     for target in TARGETS:
         cands = [s for s in candidates(target, args.sources) if len(acc.get((target, s), [])) >= args.seeds]
         if len(cands) < 5 or len(acc.get((target, "none"), [])) < args.seeds:
             print(f"{target}: incomplete ({len(cands)} sources with all seeds), left out")
             continue
-        orders = rankings(target, cands, args)
+        orders, gains = cached_rankings(target, cands, args)
+        for name, predicted in gains.items():
+            for s in cands:
+                pair_gains.setdefault(name, []).append(
+                    (predicted[s], float(np.mean(acc[(target, s)][:args.seeds])) - float(np.mean(acc[(target, "none")][:args.seeds]))))
         perf_by = {"mean": {s: float(np.mean(acc[(target, s)][:args.seeds])) for s in cands}}
         for seed in range(args.seeds):
             perf_by[seed] = {s: acc[(target, s)][seed] for s in cands}
@@ -296,6 +408,9 @@ def report(args) -> None:
         per_target.append(row)
         print(f"{target}: none {base:.3f}, best {best} {perf_by['mean'][best]:.3f}; "
               + "; ".join(f"{m}: {', '.join(o[:3])}" for m, o in orders.items()), flush=True)
+    if args.weights and per_target:
+        picked = add_weight_chosen_out_of_sample(table, args.weights)
+        print(f"\n{LOO}: weights picked {dict(sorted(picked.items()))}")
     print(f"\n{len(per_target)} targets x {args.sources} sources x {args.seeds} seeds; mean over targets "
           "(± sd over seeds of the same figure computed per seed)\n")
     print("| ranking | " + " | ".join(metrics) + " |")
@@ -310,6 +425,7 @@ def report(args) -> None:
             cells.append(f"{mean:.2f} ± {np.std(per_seed):.2f}")
         print(f"| {method} | " + " | ".join(cells) + " |")
     print_groups(table, per_target)
+    print_gains(pair_gains)
     print_paired(table, per_target, args.seeds)
     print("\n| target | no intermediate | best source (acc) | esm-index top-3 | LogME (fine-tuned) top-3 |")
     print("|---|---|---|---|---|")
@@ -321,10 +437,50 @@ def report(args) -> None:
                                          "accuracy": {f"{t}|{s}": v for (t, s), v in acc.items()}}, indent=1))
 
 
+LOO = "combined at the domain weight chosen on the other targets"
+
+
+def add_weight_chosen_out_of_sample(table: dict, weights: list[float]) -> dict[float, int]:
+    """Add the combined ranking whose domain weight is, for each target, the one of ``weights``
+    with the lowest mean regret@3 on all the other targets (leave one target out). Picking the
+    best weight on the same targets it is scored on flatters it; this is the honest figure for
+    "tune the weight on this ground truth". Returns how often each weight was picked."""
+    names = [f"combined, domain weight {w:g}" for w in weights]
+    n = len(table[names[0]]["regret@3|mean"])
+    picked: dict[float, int] = {}
+    column: dict[str, list[float]] = {}
+    for i in range(n):
+        rest = [np.mean(np.delete(table[m]["regret@3|mean"], i)) for m in names]
+        best = int(np.argmin(rest))  # ties: the smaller weight, listed first
+        picked[weights[best]] = picked.get(weights[best], 0) + 1
+        for key, values in table[names[best]].items():
+            column.setdefault(key, []).append(values[i])
+    table[LOO] = column
+    return picked
+
+
+def print_gains(pair_gains: dict[str, list[tuple[float, float]]]) -> None:
+    """Can a score tell a user when a source will help at all? Over every (target, source) pair:
+    the true gain (accuracy after the source minus without one), and each estimator's predicted
+    gain (its score for the source minus its score on the base embeddings)."""
+    if not pair_gains:
+        return
+    print("\nPredicted gain over no intermediate training, against the true gain, over all pairs\n")
+    print("| predicted gain | pairs | pairs that gain | Spearman | predicted > 0 | precision of > 0 | recall of > 0 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, pairs in pair_gains.items():
+        pred, true = np.array(pairs).T
+        up = pred > 0
+        precision = f"{(true[up] > 0).mean():.2f}" if up.any() else "-"
+        recall = f"{(up[true > 0]).mean():.2f}" if (true > 0).any() else "-"
+        print(f"| {name} | {len(true)} | {(true > 0).sum()} | {common.spearman(pred, true):+.2f} | "
+              f"{up.sum()} | {precision} | {recall} |")
+
+
 def print_groups(table: dict, per_target: list[dict]) -> None:
     """regret@3 on seed-mean accuracy for each group of targets (by when it joined the study)."""
     names = [r["target"] for r in per_target]
-    methods = [m for m in table if not m.startswith("combined, ")]
+    methods = [m for m in table if not m.startswith("combined, ")]  # not the weight sweep
     print("\nregret@3 by group of targets\n\n| group | targets | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
     for group, members in GROUPS.items():
@@ -365,6 +521,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--train", type=int, default=128, help="target training examples")
+    ap.add_argument("--test", type=int, default=200,
+                    help="test rows per target, at most (the study so far: 200; use another --out)")
     ap.add_argument("--sources", type=int, default=8, help="candidate sources per target")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
@@ -375,8 +533,9 @@ def main() -> None:
     ap.add_argument("--reverse", action="store_true", help="take this share's runs last first")
     ap.add_argument("--head", choices=("probe", "random"), default="probe",
                     help="start the target's head from a linear probe (LP-FT, since session 12) or at random")
-    ap.add_argument("--truth", choices=("acc", "probe_acc"), default="acc",
-                    help="report on accuracy after fine-tuning, or the probe's before it")
+    ap.add_argument("--truth", choices=("acc", "probe_acc", "probe_acc_200"), default="acc",
+                    help="report on accuracy after fine-tuning, or the probe's before it "
+                         "(probe_acc_200: on the usual 200 test rows of a --probe-only --test 1000 study)")
     ap.add_argument("--probe-only", action="store_true",
                     help="only the linear probe of each start (no fine-tuning, one seed; use another --out)")
     ap.add_argument("--own", action="store_true",
