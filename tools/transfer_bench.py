@@ -264,19 +264,24 @@ def random_ndcg(perf: dict[str, float], k: int = 5) -> float:
 
 
 def cached_rankings(target: str, cands: list[str], args) -> tuple[dict, dict]:
-    """``rankings``, kept in CACHE/transfer/rankings (a JSON file per target, candidates, index
+    """``rankings`` of ``cands``, kept in CACHE/transfer/rankings (a JSON file per target, index
     and options): they take half a minute a target and do not depend on the ground truth, so
-    reporting the same study on another truth or --seeds reuses them."""
+    reporting the same study on another truth, --seeds or --sources reuses them. They are
+    computed for all of a target's candidates and cut down to ``cands``: every ranking orders
+    sources by a score of each source alone, so the order of a subset is the cut-down order."""
+    every = candidates(target, len(SOURCES))
     stamp = max(f.stat().st_mtime_ns for f in args.index.iterdir())
-    key = json.dumps([target, cands, str(args.index.resolve()), stamp, args.train, args.weights, RANKINGS_VERSION])
+    key = json.dumps([target, every, str(args.index.resolve()), stamp, args.train, args.weights, RANKINGS_VERSION])
     path = common.CACHE / "transfer" / "rankings" / f"{zlib.crc32(key.encode()):08x}.json"
     if path.is_file() and json.loads(path.read_text())["key"] == key:
         kept = json.loads(path.read_text())
-        return kept["orders"], kept["gains"]
-    orders, gains = rankings(target, cands, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "orders": orders, "gains": gains}))
-    return orders, gains
+    else:
+        orders, gains = rankings(target, every, args)
+        kept = {"key": key, "orders": orders, "gains": gains}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(kept))
+    return ({m: [s for s in order if s in cands] for m, order in kept["orders"].items()},
+            {e: {s: g[s] for s in cands} for e, g in kept["gains"].items()})
 
 
 RANKINGS_VERSION = 1  # bump when ``rankings`` changes what it computes
@@ -424,9 +429,20 @@ def report(args) -> None:
             summary.setdefault(method, {})[m] = {"mean": mean, "seed_sd": float(np.std(per_seed))}
             cells.append(f"{mean:.2f} ± {np.std(per_seed):.2f}")
         print(f"| {method} | " + " | ".join(cells) + " |")
-    print_groups(table, per_target)
+    found = reliability(args.out, [r["target"] for r in per_target], args.sources)
+    groups = dict(GROUPS)
+    if found:
+        groups[f"truth reliable (split-half Spearman >= {RELIABLE:g})"] = [t for t, r in found.items() if r[0] >= RELIABLE]
+        groups["truth not reliable"] = [t for t, r in found.items() if r[0] < RELIABLE]
+    print_groups(table, per_target, groups)
     print_gains(pair_gains)
+    print_reliability(found)
     print_paired(table, per_target, args.seeds)
+    if found:  # the same on the targets whose truth orders its sources
+        at = [i for i, r in enumerate(per_target) if found.get(r["target"], (0,))[0] >= RELIABLE]
+        sub = {m: {k: [v[i] for i in at] for k, v in cols.items()} for m, cols in table.items()}
+        print_paired(sub, [per_target[i] for i in at], args.seeds,
+                     f"on the {len(at)} targets whose truth is reliable (split-half Spearman >= {RELIABLE:g})")
     print("\n| target | no intermediate | best source (acc) | esm-index top-3 | LogME (fine-tuned) top-3 |")
     print("|---|---|---|---|---|")
     for r in per_target:
@@ -459,6 +475,47 @@ def add_weight_chosen_out_of_sample(table: dict, weights: list[float]) -> dict[f
     return picked
 
 
+def tied_spearman(a, b) -> float:
+    """Spearman's rho with tied values sharing their mean rank (accuracies on a few hundred
+    rows tie often; ``common.spearman`` expects continuous scores)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+RELIABLE = 0.5  # split-half Spearman at which a target's truth is taken to order its sources
+
+
+def reliability(out: Path, targets: list[str], sources: int) -> dict[str, tuple[float, int, float, float]]:
+    """How far does the ground truth itself order the sources? For a --test 1000 study: per
+    target, Spearman of the candidates' probe accuracies on the usual 200 test rows against
+    those on the other (disjoint) test rows; with the number of other rows and the spread
+    (max - min) of the accuracies on each part. No ranking can agree with the truth better
+    than the truth agrees with itself on new rows."""
+    by = {(r["target"], r["source"]): r for r in map(json.loads, out.read_text().splitlines())
+          if "probe_acc_200" in r}
+    found = {}
+    for t in targets:
+        cands = [s for s in candidates(t, sources) if (t, s) in by and by[(t, s)]["test"] > 250]
+        if len(cands) >= 5:
+            runs = [by[(t, s)] for s in cands]
+            a200 = np.array([r["probe_acc_200"] for r in runs])
+            rest = np.array([(r["probe_acc"] * r["test"] - 200 * r["probe_acc_200"]) / (r["test"] - 200) for r in runs])
+            found[t] = (tied_spearman(a200, rest), runs[0]["test"] - 200, float(np.ptp(a200)), float(np.ptp(rest)))
+    return found
+
+
+def print_reliability(found: dict[str, tuple[float, int, float, float]]) -> None:
+    if found:
+        print(f"\nThe ground truth against itself: the candidates' probe accuracies on 200 test rows "
+              f"against the other test rows, {len(found)} targets; mean Spearman "
+              f"{np.mean([r[0] for r in found.values()]):+.2f}\n")
+        print("| target | Spearman | other rows | spread of accuracies, 200 rows | other rows |")
+        print("|---|---|---|---|---|")
+        for t, (rho, n, p200, prest) in found.items():
+            print(f"| {t} | {rho:+.2f} | {n} | {p200:.3f} | {prest:.3f} |")
+
+
 def print_gains(pair_gains: dict[str, list[tuple[float, float]]]) -> None:
     """Can a score tell a user when a source will help at all? Over every (target, source) pair:
     the true gain (accuracy after the source minus without one), and each estimator's predicted
@@ -473,24 +530,25 @@ def print_gains(pair_gains: dict[str, list[tuple[float, float]]]) -> None:
         up = pred > 0
         precision = f"{(true[up] > 0).mean():.2f}" if up.any() else "-"
         recall = f"{(up[true > 0]).mean():.2f}" if (true > 0).any() else "-"
-        print(f"| {name} | {len(true)} | {(true > 0).sum()} | {common.spearman(pred, true):+.2f} | "
+        print(f"| {name} | {len(true)} | {(true > 0).sum()} | {tied_spearman(pred, true):+.2f} | "
               f"{up.sum()} | {precision} | {recall} |")
 
 
-def print_groups(table: dict, per_target: list[dict]) -> None:
-    """regret@3 on seed-mean accuracy for each group of targets (by when it joined the study)."""
+def print_groups(table: dict, per_target: list[dict], groups: dict[str, tuple | list]) -> None:
+    """regret@3 on seed-mean accuracy for each group of targets (by when it joined the study,
+    and by whether the ground truth orders its sources reliably)."""
     names = [r["target"] for r in per_target]
     methods = [m for m in table if not m.startswith("combined, ")]  # not the weight sweep
     print("\nregret@3 by group of targets\n\n| group | targets | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
-    for group, members in GROUPS.items():
+    for group, members in groups.items():
         at = [i for i, n in enumerate(names) if n in members]
         if at:
             cells = [f"{np.mean([table[m]['regret@3|mean'][i] for i in at]):.2f}" for m in methods]
             print(f"| {group} | {len(at)} | " + " | ".join(cells) + " |")
 
 
-def print_paired(table: dict, per_target: list[dict], seeds: int, boot: int = 10000) -> None:
+def print_paired(table: dict, per_target: list[dict], seeds: int, title: str = "", boot: int = 10000) -> None:
     """The default against each other ranking, paired on the same targets and seeds.
 
     Both rankings are scored on the same accuracies, so the seed noise that both figures share
@@ -499,10 +557,13 @@ def print_paired(table: dict, per_target: list[dict], seeds: int, boot: int = 10
     from each seed alone; "95% CI over targets": a bootstrap of the targets (which targets were
     studied is the larger source of doubt); wins/ties/losses: targets where the default's
     regret is lower/equal/higher."""
-    rng = np.random.default_rng(0)
     n = len(per_target)
-    picks = rng.integers(0, n, size=(boot, n))
-    print("\nThe default against each ranking, paired (delta = default - other; negative favours the default)\n")
+    print(f"\nThe default against each ranking, paired (delta = default - other; negative favours the default)"
+          f"{', ' + title if title else ''}\n")
+    if n < 2:
+        print("(too few targets)")
+        return
+    picks = np.random.default_rng(0).integers(0, n, size=(boot, n))
     print("| other ranking | metric | delta | seed sd | 95% CI over targets | default wins/ties/losses |")
     print("|---|---|---|---|---|---|")
     for other in table:
