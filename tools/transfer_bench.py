@@ -64,6 +64,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import common  # noqa: E402
 from esm_index.data import LabelledData, load_labelled  # noqa: E402
+from esm_index.domain import DOMAIN_WEIGHT  # noqa: E402  (the default ranking's; part of the rankings' cache key)
 
 # (name, where the rows come from); a pool task's rows are its held-out target rows.
 TARGETS = ("sample:movie_reviews.csv", "sample:sms_spam.csv", "sample:news_topics.csv",
@@ -271,7 +272,8 @@ def cached_rankings(target: str, cands: list[str], args) -> tuple[dict, dict]:
     sources by a score of each source alone, so the order of a subset is the cut-down order."""
     every = candidates(target, len(SOURCES))
     stamp = max(f.stat().st_mtime_ns for f in args.index.iterdir())
-    key = json.dumps([target, every, str(args.index.resolve()), stamp, args.train, args.weights, RANKINGS_VERSION])
+    key = json.dumps([target, every, str(args.index.resolve()), stamp, args.train, args.weights, DOMAIN_WEIGHT,
+                      RANKINGS_VERSION])
     path = common.CACHE / "transfer" / "rankings" / f"{zlib.crc32(key.encode()):08x}.json"
     if path.is_file() and json.loads(path.read_text())["key"] == key:
         kept = json.loads(path.read_text())
