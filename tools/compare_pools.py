@@ -27,7 +27,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transfer_bench import TARGETS, accuracies, candidates, load_target, target_split  # noqa: E402
+from transfer_bench import TARGETS, candidates, load_target, target_split  # noqa: E402
+from transfer_report import accuracies  # noqa: E402
 
 
 def default_order(index, x: np.ndarray, labels: np.ndarray, cands: list[str]) -> list[str]:

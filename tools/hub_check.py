@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import common  # noqa: E402
 import transfer_bench as tb  # noqa: E402
+import transfer_report as tr  # noqa: E402
 from esm_index.domain import DOMAIN_WEIGHT, standardise  # noqa: E402
 from esm_index.index import SourceIndex  # noqa: E402
 
@@ -78,7 +79,7 @@ def main() -> None:
         for name, v in variants(*scores(x, y), hub(t)).items():
             place.setdefault(name, []).append(int(1 + np.sum(v > v[tasks.index(t)])))
 
-    acc = tb.accuracies(tb.OUT)  # the probe-head runs (LP-FT), per seed in seed order
+    acc = tr.accuracies(tb.OUT)  # the probe-head runs (LP-FT), per seed in seed order
     regrets: dict[str, dict[int, list[float]]] = {}
     for target in tb.TARGETS:
         cands = [s for s in tb.candidates(target, 8) if len(acc.get((target, s), {})) >= 3]
@@ -89,7 +90,7 @@ def main() -> None:
             score = dict(zip(tasks, v))
             order = sorted(cands, key=lambda s: -score[s])
             for k in (1, 3):
-                regrets.setdefault(name, {1: [], 3: []})[k].append(tb.regret(perf, order, k))
+                regrets.setdefault(name, {1: [], 3: []})[k].append(tr.regret(perf, order, k))
 
     print(f"\n{len(ref_z)} reference targets of {args.ref_rows} source rows; {len(tasks)} same-task targets; "
           f"{len(regrets[next(iter(regrets))][1])} transfer targets\n")
