@@ -135,7 +135,8 @@ def run_one(embedder, target: str, source: str, seed: int, args) -> dict:
 
     from esm_index.finetune import FinetuneConfig, finetune_with_head
 
-    train, test = target_split(target, load_target(target), args.train, args.test)
+    data = load_target(target)
+    train, test = target_split(target, data, args.train, args.test)
     start = embedder if source == "none" else embedder.with_model(
         AutoModel.from_pretrained(common.CACHE / "models" / source))
     if args.probe_only:  # no fine-tuning on the target: the probe alone, which has no seed
@@ -144,7 +145,7 @@ def run_one(embedder, target: str, source: str, seed: int, args) -> dict:
         record = {"target": target, "source": source, "seed": 0, "head": "probe",
                   "probe_acc": float(right.mean()), "train": len(train), "test": len(test)}
         if args.test > 200:  # also on the study's usual 200 test rows, a subset of these
-            usual = set(target_split(target, load_target(target), args.train)[1].texts)
+            usual = set(target_split(target, data, args.train)[1].texts)
             record["probe_acc_200"] = float(right[[t in usual for t in test.texts]].mean())
         return {**record, "seconds": round(time.perf_counter() - t0, 1)}
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=16, lr=args.lr, max_length=args.max_length, seed=seed)

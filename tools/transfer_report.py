@@ -63,6 +63,9 @@ def random_ndcg(perf: dict[str, float], k: int = 5) -> float:
     return expected / ideal if ideal > 0 else 1.0
 
 
+RANKINGS_VERSION = 1  # bump when ``rankings`` changes what it computes
+
+
 def cached_rankings(target: str, cands: list[str], args) -> tuple[dict, dict]:
     """``rankings`` of ``cands``, kept in CACHE/transfer/rankings (a JSON file per target, index
     and options): they take half a minute a target and do not depend on the ground truth, so
@@ -74,18 +77,14 @@ def cached_rankings(target: str, cands: list[str], args) -> tuple[dict, dict]:
     key = json.dumps([target, every, str(args.index.resolve()), stamp, args.train, args.weights, DOMAIN_WEIGHT,
                       RANKINGS_VERSION])
     path = common.CACHE / "transfer" / "rankings" / f"{zlib.crc32(key.encode()):08x}.json"
-    if path.is_file() and json.loads(path.read_text())["key"] == key:
-        kept = json.loads(path.read_text())
-    else:
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if kept.get("key") != key:
         orders, gains = rankings(target, every, args)
         kept = {"key": key, "orders": orders, "gains": gains}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(kept))
     return ({m: [s for s in order if s in cands] for m, order in kept["orders"].items()},
             {e: {s: g[s] for s in cands} for e, g in kept["gains"].items()})
-
-
-RANKINGS_VERSION = 1  # bump when ``rankings`` changes what it computes
 
 
 def rankings(target: str, cands: list[str], args) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
@@ -192,14 +191,12 @@ def report(args) -> None:
             print(f"{target}: incomplete ({len(cands)} sources with all seeds), left out")
             continue
         orders, gains = cached_rankings(target, cands, args)
-        for name, predicted in gains.items():
-            for s in cands:
-                pair_gains.setdefault(name, []).append(
-                    (predicted[s], float(np.mean(acc[(target, s)][:args.seeds])) - float(np.mean(acc[(target, "none")][:args.seeds]))))
         perf_by = {"mean": {s: float(np.mean(acc[(target, s)][:args.seeds])) for s in cands}}
         for seed in range(args.seeds):
             perf_by[seed] = {s: acc[(target, s)][seed] for s in cands}
         base = float(np.mean(acc[(target, "none")][:args.seeds]))
+        for name, predicted in gains.items():
+            pair_gains.setdefault(name, []).extend((predicted[s], perf_by["mean"][s] - base) for s in cands)
         best = max(perf_by["mean"], key=perf_by["mean"].get)
         row = {"target": target, "none": base, "best": best, "best_acc": perf_by["mean"][best],
                "seed_sd": float(np.mean([np.std(acc[(target, s)][:args.seeds]) for s in cands])),
@@ -276,14 +273,6 @@ def add_weight_chosen_out_of_sample(table: dict, weights: list[float]) -> dict[f
     return picked
 
 
-def tied_spearman(a, b) -> float:
-    """Spearman's rho with tied values sharing their mean rank (accuracies on a few hundred
-    rows tie often; ``common.spearman`` expects continuous scores)."""
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 RELIABLE = 0.5  # split-half Spearman at which a target's truth is taken to order its sources
 
 
@@ -302,7 +291,7 @@ def reliability(out: Path, targets: list[str], sources: int) -> dict[str, tuple[
             runs = [by[(t, s)] for s in cands]
             a200 = np.array([r["probe_acc_200"] for r in runs])
             rest = np.array([(r["probe_acc"] * r["test"] - 200 * r["probe_acc_200"]) / (r["test"] - 200) for r in runs])
-            found[t] = (tied_spearman(a200, rest), runs[0]["test"] - 200, float(np.ptp(a200)), float(np.ptp(rest)))
+            found[t] = (common.spearman(a200, rest), runs[0]["test"] - 200, float(np.ptp(a200)), float(np.ptp(rest)))
     return found
 
 
@@ -331,7 +320,7 @@ def print_gains(pair_gains: dict[str, list[tuple[float, float]]]) -> None:
         up = pred > 0
         precision = f"{(true[up] > 0).mean():.2f}" if up.any() else "-"
         recall = f"{(up[true > 0]).mean():.2f}" if (true > 0).any() else "-"
-        print(f"| {name} | {len(true)} | {(true > 0).sum()} | {tied_spearman(pred, true):+.2f} | "
+        print(f"| {name} | {len(true)} | {(true > 0).sum()} | {common.spearman(pred, true):+.2f} | "
               f"{up.sum()} | {precision} | {recall} |")
 
 
