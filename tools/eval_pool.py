@@ -21,7 +21,11 @@ a transfer candidate, and including it would flatter the agreement).
 Target labels are numbered densely (as a user's string labels are), so classes that happen to
 be absent from a task's held-out rows do not add all-zero columns.
 
-Usage: python tools/eval_pool.py [--index indexes/default] [--json out.json]
+Without the build folders (``--pool``: the float32 maps and fidelity.npz, which only a full
+build_pool.py run leaves), the same-task checks run on the index's own maps and the fidelity
+and float16 checks are skipped.
+
+Usage: python tools/eval_pool.py [--index indexes/default] [--pool CACHE/pool] [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
     ap.add_argument("--pool", type=Path, default=common.CACHE / "pool")
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--weights", default="0,0.5,1,1.5,2,3,4,6,8,12",
+    ap.add_argument("--weights", default="0,0.5,1,1.5,2,3,4,6,8,12,24,48",
                     help="domain weights to report same-task retrieval for (how DOMAIN_WEIGHT was chosen)")
     args = ap.parse_args()
     weights = [float(w) for w in args.weights.split(",") if w]
@@ -68,14 +72,23 @@ def main() -> None:
         names = [name_to_task.get(r.source, r.source) for r in ranking.results]
         return names.index(own) + 1 if own in names else len(names) + 1
 
-    esms = {t: ESM.load(args.pool / t) for t in tasks}
-    w = torch.from_numpy(np.stack([esms[t].weight for t in tasks]))
-    b = torch.from_numpy(np.stack([esms[t].bias for t in tasks]))
     # float16 (what the index serves) against float32 (the ESM folders), and how many of the
     # exact top-5 the approximate (summary) stage keeps in its top-k: on the same targets.
-    sid = np.asarray([i for i, m in index.store.iter_meta() if m.get("task_id") in esms])
+    sid = np.asarray([i for i, m in index.store.iter_meta() if m.get("task_id") in tasks])
     found, w16, b16 = index.store.esms(sid)
     order16 = [m["task_id"] for m in index.store.metas(found)]
+    # The float32 maps and fidelity embeddings are in the build folders; without them (a
+    # machine that only has the shipped index) the same-task checks run on the index's maps
+    # and the float16 and fidelity checks are skipped.
+    have_pool = all((args.pool / t / "fidelity.npz").is_file() for t in tasks)
+    if have_pool:
+        esms = {t: ESM.load(args.pool / t) for t in tasks}
+        w = torch.from_numpy(np.stack([esms[t].weight for t in tasks]))
+        b = torch.from_numpy(np.stack([esms[t].bias for t in tasks]))
+    else:
+        print(f"no build folders in {args.pool}: same-task checks on the index's maps; float16 and fidelity skipped")
+        at = [order16.index(t) for t in tasks]
+        w, b = torch.from_numpy(w16[at].astype(np.float32)), torch.from_numpy(b16[at].astype(np.float32))
     _, summaries = index.store.summaries(found)
     f16_same, f16_diff = 0, 0.0
     recall: dict[int, list[float]] = {k: [] for k in (5, 8, 10, 15)}
@@ -146,7 +159,7 @@ def main() -> None:
 
     # 2. Fidelity: real fine-tuned embeddings vs ESM-LogME, n = 500 per target.
     fidelity = []
-    for target in common.FIDELITY_TARGETS:
+    for target in common.FIDELITY_TARGETS if have_pool else ():
         x, y = common.held_out_target(target, index.embedder)
         others = [i for i, s in enumerate(tasks) if not common.twins(s, target)]
         esm_scores = score_esms(TargetStats.from_embeddings(x, y), w, b)[others]
@@ -192,16 +205,10 @@ def main() -> None:
                                   f"ESM-LogME alone #{s['own_rank_esm_logme']}, domain alone #{s['own_rank_domain']})"
                                   for s in samples))
     print("times ranked first: " + ", ".join(f"{k} {v}" for k, v in sorted(winners.items(), key=lambda kv: -kv[1])))
-    print("\n| fidelity target | n | Spearman (real vs ESM) | top-1 agrees | top-3 overlap | real top-1 | ESM top-1 |")
-    print("|---|---|---|---|---|---|---|")
-    for f in fidelity:
-        print(f"| {f['target']} | {f['n']} | {f['spearman']:.2f} | {'yes' if f['top1_agree'] else 'no'} | "
-              f"{f['top3_overlap']}/3 | {f['real_top1']} | {f['esm_top1']} |")
-    agree = sum(f["top1_agree"] for f in fidelity)
-    print(f"| **mean** | | **{np.mean([f['spearman'] for f in fidelity]):.2f}** | **{agree}/{len(fidelity)}** | "
-          f"**{np.mean([f['top3_overlap'] for f in fidelity]):.2f}/3** | | |")
-    print(f"\nfloat16 vs float32 ESMs, exact: same top-5 for {f16_same}/{len(tasks)} targets, "
-          f"largest score change {f16_diff:.2g}")
+    if not have_pool:
+        print("\nfidelity and float16 against float32: skipped (they need the build folders, --pool)")
+    else:
+        print_fidelity(fidelity, f16_same, f16_diff, len(tasks))
     print("\n| approximate-stage top-k | " + " | ".join(map(str, recall)) + " |")
     print("|---|" + "---|" * len(recall))
     print("| recall of exact top-5 (mean over targets) | " + " | ".join(f"{np.mean(v):.2f}" for v in recall.values()) + " |")
@@ -211,6 +218,20 @@ def main() -> None:
                                          "same_task": same, "misses_real": misses, "samples": samples, "winners": winners,
                                          "fidelity": fidelity, "float16_same_top5": f16_same,
                                          "float16_max_diff": f16_diff}, indent=1))
+
+
+def print_fidelity(fidelity: list[dict], f16_same: int, f16_diff: float, n_tasks: int) -> None:
+    """The fidelity table and the float16 check (both need the build folders)."""
+    print("\n| fidelity target | n | Spearman (real vs ESM) | top-1 agrees | top-3 overlap | real top-1 | ESM top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    for f in fidelity:
+        print(f"| {f['target']} | {f['n']} | {f['spearman']:.2f} | {'yes' if f['top1_agree'] else 'no'} | "
+              f"{f['top3_overlap']}/3 | {f['real_top1']} | {f['esm_top1']} |")
+    agree = sum(f["top1_agree"] for f in fidelity)
+    print(f"| **mean** | | **{np.mean([f['spearman'] for f in fidelity]):.2f}** | **{agree}/{len(fidelity)}** | "
+          f"**{np.mean([f['top3_overlap'] for f in fidelity]):.2f}/3** | | |")
+    print(f"\nfloat16 vs float32 ESMs, exact: same top-5 for {f16_same}/{n_tasks} targets, "
+          f"largest score change {f16_diff:.2g}")
 
 
 def real_logme_of_misses(index, missed: list[dict]) -> list[dict]:
