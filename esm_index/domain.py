@@ -27,13 +27,13 @@ both checks in BENCHMARKS.md. On the linear-probe transfer ground truth (27 targ
 candidates of other kinds each) it has regret@3 1.74 % against 2.15 % at 12, and it is the
 weight chosen on the other targets (leave one target out) for all 27. The two smaller,
 noisier studies (8 candidates) choose 3 and 24, but 48 is no worse than 12 on regret@3 in
-either, and better on regret@1 in all three. On same-task retrieval it
-is as good as 12 (own source first for 24 of 26 pool tasks, every sample first). At this
-weight the domain term decides between sources of different kinds of text, and ESM-LogME
-breaks near-ties between sources on the same kind of text (a sentiment task and a topic
-task on the same comments; the movie sample's own task against its twin), where domain
-similarity alone cannot tell them apart: on the transfer studies the ESM-LogME term did not
-improve on domain similarity alone, which is said in the README's limitations.
+either, and better on regret@1 in all three. On same-task retrieval it is as good as 12
+(own source first for 24 of 26 pool tasks, every sample first). At this weight the domain
+term decides between sources of different kinds of text, and ESM-LogME breaks near-ties
+between sources on the same kind of text (a sentiment task and a topic task on the same
+comments; the movie sample's own task against its twin), where domain similarity alone
+cannot tell them apart. On the largest transfer study no larger share for ESM-LogME did
+better than domain similarity alone, as the README's limitations say.
 
 A source without a domain vector (an ESM imported from hfselect, which has none) gets
 z = 0, the middle of the set, for the domain term.
