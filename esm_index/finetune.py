@@ -272,6 +272,13 @@ def esm_from_models(embedder: Embedder, tuned_encoder, texts: list, progress: bo
     return esm
 
 
+def fit_sample(data: LabelledData, cfg: FinetuneConfig) -> list[str]:
+    """The source's own texts its ESM is fitted on: up to ``cfg.fit_examples``, in a fixed
+    order seeded apart from the fine-tuning sample's (so tools can recompute the same set)."""
+    fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.fit_examples]
+    return [data.texts[i] for i in fit_idx]
+
+
 def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig | None = None,
                      progress: bool = False, other_texts: Sequence = (), other_base: np.ndarray | None = None):
     """Fine-tune on ``data`` and fit its ESM: (the ESM, the fine-tuned encoder). Timings and
@@ -281,8 +288,7 @@ def finetune_and_fit(embedder: Embedder, data: LabelledData, cfg: FinetuneConfig
     t0 = time.perf_counter()
     tuned = finetune(embedder, data, cfg, progress=progress)
     t1 = time.perf_counter()
-    fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(data))[: cfg.fit_examples]
-    esm = esm_from_models(embedder, tuned, [data.texts[i] for i in fit_idx], progress=progress,
+    esm = esm_from_models(embedder, tuned, fit_sample(data, cfg), progress=progress,
                           other_texts=other_texts, other_base=other_base)
     t2 = time.perf_counter()
     esm.meta.update({

@@ -46,7 +46,8 @@ import common  # noqa: E402
 from esm_index.domain import DOMAIN_KEY  # noqa: E402
 from esm_index.data import LabelledData  # noqa: E402
 from esm_index.embed import Embedder  # noqa: E402
-from esm_index.finetune import POOL_RECIPE, FinetuneConfig, esm_from_models, finetune, planned_steps  # noqa: E402
+from esm_index.finetune import (  # noqa: E402
+    POOL_RECIPE, FinetuneConfig, esm_from_models, finetune, fit_sample, planned_steps)
 
 
 def claim(folder: Path) -> bool:
@@ -114,8 +115,7 @@ def fit_one(embedder: Embedder, source: LabelledData, tuned, cfg: FinetuneConfig
     the packaged fit texts), write it with ``meta`` and the fidelity embeddings to ``out`` (copied
     from ``fidelity_from`` when that encoder's are there already); returns timings."""
     t1 = time.perf_counter()
-    fit_idx = np.random.default_rng(cfg.seed + 1).permutation(len(source))[: cfg.fit_examples]
-    fit_texts = [source.texts[i] for i in fit_idx]
+    fit_texts = fit_sample(source, cfg)
     other = other_texts(cache)
     esm = esm_from_models(embedder, tuned, fit_texts, other_texts=other,
                           base=common.base_embeddings(embedder, fit_texts, cache),

@@ -26,6 +26,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from transfer_bench import TARGETS, candidates, load_target, target_split  # noq
 from transfer_report import accuracies, cached_rankings, random_regret, regret, ridge_loo_accuracy  # noqa: E402
 
 from esm_index.esm import fit_ridge  # noqa: E402
+from esm_index.finetune import POOL_RECIPE, fit_sample  # noqa: E402
 from esm_index.logme import logme  # noqa: E402
 
 OUT = common.CACHE / "nonlinear"
@@ -52,17 +54,17 @@ def cached(path: Path, compute) -> np.ndarray:
 
 
 def fit_texts(source: str, rows: int) -> list[str]:
-    """The texts a source's map is fitted on: up to ``rows`` of its own source rows (in the
-    build's order) and the packaged fit texts."""
+    """The texts a source's map is fitted on, as build_pool.py picks them: up to ``rows`` of
+    its own source rows and the packaged fit texts."""
     data, _ = common.load_task(source)
     src = common.subset(data, common.source_rows(source, data))
-    idx = np.random.default_rng(1).permutation(len(src))[:rows]  # the build's FinetuneConfig seed 0 + 1
-    return [src.texts[i] for i in idx] + other_texts(common.CACHE)
+    return fit_sample(src, replace(POOL_RECIPE, fit_examples=rows)) + other_texts(common.CACHE)
 
 
 class ResidualMLP:
     """y = ridge(x) + MLP(x): the MLP (one hidden GELU layer, output started at zero) learns
-    what the ridge map leaves, by AdamW on the MSE, stopped at the best held-out error."""
+    what the ridge map leaves, by AdamW on the MSE, stopped at the best error on a tenth of
+    the pairs it holds out (the ridge map is fitted on all pairs, as the build's is)."""
 
     def __init__(self, base: np.ndarray, tuned: np.ndarray, hidden: int, epochs: int = 400, seed: int = 0,
                  lr: float = 1e-3):
@@ -96,7 +98,7 @@ class ResidualMLP:
                 break
         if best_state is not None:
             net.load_state_dict(best_state)
-        self.net, self.resid_gain = net.eval(), 1 - best / zero  # share of the ridge's held-out residual removed
+        self.net, self.resid_gain = net.eval(), 1 - best / zero  # share of the ridge's residual removed, on the MLP's held-out pairs
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -113,8 +115,6 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=128)
     ap.add_argument("--truth", type=Path, default=common.REPO / "tools" / "results" / "transfer_probe_t1000.jsonl")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--weights", type=lambda v: [float(w) for w in v.split(",") if w],
-                    default=[0.0, 1.0, 3.0, 6.0, 12.0, 24.0, 48.0, 100.0], help="the --weights of the transfer report whose cached rankings to read (BENCHMARKS §5's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--embed-only", action="store_true",
                     help="only cache the sources' fine-tuned embeddings of their fit texts (a second worker)")
@@ -152,13 +152,13 @@ def main() -> None:
         maps[s] = ResidualMLP(base, real, args.hidden)
         r = maps[s].ridge.meta["fit"]
         print(f"{s}: {len(texts)} pairs, identity mse {r['identity_mse']:.4f}, ridge {r['heldout_mse']:.4f}, "
-              f"MLP removes {maps[s].resid_gain:.1%} of the ridge's held-out error, "
+              f"MLP removes {maps[s].resid_gain:.1%} of the ridge's residual on its held-out pairs, "
               f"{len(maps[s].val_curve)} epochs, {time.perf_counter() - t0:.0f} s", flush=True)
 
     if args.embed_only:
         return
     acc = accuracies(args.truth, "probe", "probe_acc")
-    study = argparse.Namespace(index=common.REPO / "indexes" / "default", train=args.train, weights=args.weights)
+    study = argparse.Namespace(index=common.REPO / "indexes" / "default", train=args.train, weights=[])
     rows = []
     for target in TARGETS:
         cands = [s for s in candidates(target, args.sources) if (target, s) in acc]
