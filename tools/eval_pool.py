@@ -111,9 +111,12 @@ def main() -> None:
         winners[first] = winners.get(first, 0) + 1
         stats = TargetStats.from_embeddings(x, y)
         s32 = dict(zip(tasks, score_esms(stats, w, b)))
-        s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
-        f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
-        f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
+        if have_pool:  # the index's float16 maps against the build folders' float32 ones
+            s16 = dict(zip(order16, score_esms(stats, torch.from_numpy(w16), torch.from_numpy(b16))))
+            f16_same += sorted(s32, key=s32.get)[-5:] == sorted(s16, key=s16.get)[-5:]
+            f16_diff = max(f16_diff, max(abs(s32[t] - s16[t]) for t in tasks))
+        else:  # w, b are the index's float16 maps already
+            s16 = s32
         approx = dict(zip(order16, approximate_scores(TargetView(stats), index.probe, summaries,
                                                       index.manifest["out_dim"])))
         truth = set(sorted(s16, key=s16.get)[-5:])
@@ -216,8 +219,8 @@ def main() -> None:
         args.json.write_text(json.dumps({"recall": {k: float(np.mean(v)) for k, v in recall.items()},
                                          "weight_sweep": {str(w): v for w, v in sweep.items()},
                                          "same_task": same, "misses_real": misses, "samples": samples, "winners": winners,
-                                         "fidelity": fidelity, "float16_same_top5": f16_same,
-                                         "float16_max_diff": f16_diff}, indent=1))
+                                         "fidelity": fidelity, "float16_same_top5": f16_same if have_pool else None,
+                                         "float16_max_diff": f16_diff if have_pool else None}, indent=1))
 
 
 def print_fidelity(fidelity: list[dict], f16_same: int, f16_diff: float, n_tasks: int) -> None:
