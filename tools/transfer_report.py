@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import common
-from esm_index.domain import DOMAIN_WEIGHT  # the default ranking's; part of the rankings' cache key
+from esm_index.domain import DOMAIN_WEIGHT  # the default ranking's weight
 from transfer_bench import GROUPS, SOURCES, TARGETS, candidates, load_target, target_split
 
 DEFAULT = "esm-index (default: combined)"  # the report's name for the index's default ranking
@@ -63,38 +63,54 @@ def random_ndcg(perf: dict[str, float], k: int = 5) -> float:
     return expected / ideal if ideal > 0 else 1.0
 
 
-RANKINGS_VERSION = 1  # bump when ``rankings`` changes what it computes
+RANKINGS_VERSION = 2  # bump when ``rankings`` changes what it computes
 
 
 def cached_rankings(target: str, cands: list[str], args) -> tuple[dict, dict]:
-    """``rankings`` of ``cands``, kept in CACHE/transfer/rankings (a JSON file per target, index
-    and options): they take half a minute a target and do not depend on the ground truth, so
-    reporting the same study on another truth, --seeds or --sources reuses them. They are
-    computed for all of a target's candidates and cut down to ``cands``: every ranking orders
-    sources by a score of each source alone, so the order of a subset is the cut-down order."""
+    """Each ranking of ``cands`` and each predicted gain (``rankings``), kept in
+    CACHE/transfer/rankings (a JSON file per target, index and training size): they take half
+    a minute a target and do not depend on the ground truth, so reporting the same study on
+    another truth, --seeds or --sources reuses them. They are computed for all of a target's
+    candidates and cut down to ``cands``: every ranking orders sources by a score of each
+    source alone, so the order of a subset is the cut-down order. The combined rankings (the
+    default, at ``DOMAIN_WEIGHT``, and at each of ``args.weights``) are derived here from the
+    kept ESM-LogME and domain similarity of every source, so neither the weights nor the
+    default weight is part of the cache key."""
     every = candidates(target, len(SOURCES))
     stamp = max(f.stat().st_mtime_ns for f in args.index.iterdir())
-    key = json.dumps([target, every, str(args.index.resolve()), stamp, args.train, args.weights, DOMAIN_WEIGHT,
-                      RANKINGS_VERSION])
+    key = json.dumps([target, every, str(args.index.resolve()), stamp, args.train, RANKINGS_VERSION])
     path = common.CACHE / "transfer" / "rankings" / f"{zlib.crc32(key.encode()):08x}.json"
     kept = json.loads(path.read_text()) if path.is_file() else {}
     if kept.get("key") != key:
-        orders, gains = rankings(target, every, args)
-        kept = {"key": key, "orders": orders, "gains": gains}
+        orders, parts, gains = rankings(target, every, args)
+        kept = {"key": key, "orders": orders, "parts": parts, "gains": gains}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(kept))
-    return ({m: [s for s in order if s in cands] for m, order in kept["orders"].items()},
+    return ({DEFAULT: combined_order(kept["parts"], cands, DOMAIN_WEIGHT),
+             **{m: [s for s in order if s in cands] for m, order in kept["orders"].items()},
+             **{f"combined, domain weight {wt:g}": combined_order(kept["parts"], cands, wt) for wt in args.weights}},
             {e: {s: g[s] for s in cands} for e, g in kept["gains"].items()})
 
 
-def rankings(target: str, cands: list[str], args) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
-    """Each method's order of ``cands``, from the target's training part only; and, for the
-    scores that have a no-source counterpart, each source's predicted gain over the base model
-    (its score minus the same score on the base embeddings)."""
+def combined_order(parts: dict[str, list], cands: list[str], weight: float) -> list[str]:
+    """``cands`` in the order of the index's combined ranking at domain ``weight``: its
+    ``domain.combine`` of every source's ESM-LogME and domain similarity (standardised over
+    all the sources the index scored, as a query does), cut down to ``cands``."""
+    from esm_index.domain import combine
+
+    score = dict(zip(parts["names"], combine(parts["esm_logme"], parts["domain"], "combined", weight)))
+    return sorted(cands, key=lambda s: -score[s])
+
+
+def rankings(target: str, cands: list[str], args) -> tuple[dict[str, list[str]], dict[str, list], dict]:
+    """From the target's training part only: each weight-free method's order of ``cands``;
+    every indexed source's ESM-LogME and domain similarity (``parts``, what the combined
+    rankings are made of); and, for the scores that have a no-source counterpart, each
+    source's predicted gain over the base model (its score minus the same score on the base
+    embeddings)."""
     import torch
     from transformers import AutoModel
 
-    from esm_index.domain import combine
     from esm_index.index import SourceIndex
     from esm_index.logme import logme
 
@@ -102,16 +118,14 @@ def rankings(target: str, cands: list[str], args) -> tuple[dict[str, list[str]],
     index = SourceIndex(args.index, readonly=True)
     x = index.embed(train.texts)
     product = {}
-    for method in ("combined", "esm-logme", "domain"):
+    for method in ("esm-logme", "domain"):
         ranked = index.rank_embeddings(x, train.labels, "classification", top=len(index), exact=True, method=method)
         score = {r.meta.get("task_id", r.source): r.score for r in ranked.results}
         product[method] = sorted(cands, key=lambda s: -score[s])
     by_task = {r.meta.get("task_id", r.source): r.esm_logme for r in ranked.results}
-    names = [r.meta.get("task_id", r.source) for r in ranked.results]
-    dom = [np.nan if r.domain_similarity is None else r.domain_similarity for r in ranked.results]
-    for wt in args.weights:  # the combined ranking at other domain weights (a sensitivity check)
-        score = dict(zip(names, combine([by_task[n] for n in names], dom, "combined", wt)))
-        product[f"combined, domain weight {wt:g}"] = sorted(cands, key=lambda s: -score[s])
+    parts = {"names": [r.meta.get("task_id", r.source) for r in ranked.results],
+             "esm_logme": [r.esm_logme for r in ranked.results],
+             "domain": [np.nan if r.domain_similarity is None else r.domain_similarity for r in ranked.results]}
     source_of = {r.meta.get("task_id", r.source): r.source for r in ranked.results}
     esms = {s: index.get_esm(source_of[s]) for s in cands}  # the maps the rankings used
     w = torch.from_numpy(np.stack([esms[s].weight for s in cands]))
@@ -128,13 +142,12 @@ def rankings(target: str, cands: list[str], args) -> tuple[dict[str, list[str]],
     gains = {"ESM-LogME - base LogME": {s: by_task[s] - base_logme for s in cands},
              "ridge LOO accuracy: ESM-mapped - base": {s: mapped_loo[s][0] - base_loo for s in cands},
              "ridge LOO accuracy: fine-tuned - base": {s: real_loo[s][0] - base_loo for s in cands}}
-    return {DEFAULT: product["combined"], "ESM-LogME (esm-logme)": product["esm-logme"],
+    return {"ESM-LogME (esm-logme)": product["esm-logme"],
             "ESM-LogME minus shuffled-label null": sorted(cands, key=lambda s: null[s] - by_task[s]),
             "LogME (fine-tuned)": sorted(cands, key=lambda s: -real[s]),
             "ridge LOO accuracy (ESM-mapped)": sorted(cands, key=lambda s: mapped_loo[s], reverse=True),
             "ridge LOO accuracy (fine-tuned)": sorted(cands, key=lambda s: real_loo[s], reverse=True),
-            "domain similarity (domain)": product["domain"],
-            **{k: v for k, v in product.items() if k.startswith("combined, ")}}, gains
+            "domain similarity (domain)": product["domain"]}, parts, gains
 
 
 def ridge_loo_accuracy(x: np.ndarray, labels: np.ndarray,
