@@ -18,9 +18,12 @@ Draw B: up to 500 of the task's source rows that are not among the packaged fit 
 map was fitted on them) and not a twin's target row. The sources ranked are those that are
 not the target's own task or its twin, so no fine-tuned model ranked saw these texts in
 training. Each source's encoder (CACHE/models, kept by build_pool.py) embeds draw B once;
-the embeddings are cached in CACHE/retest/<source>.npz.
+the embeddings are cached in CACHE/retest/<source>.npz. Draw A's fine-tuned embeddings come
+from the build folders' fidelity.npz (--pool); where there are none (a machine that kept only
+the encoders), the encoders embed draw A too, cached beside draw B.
 
 Usage: python tools/fidelity_retest.py [--pool CACHE/pool_fit3k] [--threads 1]
+       python tools/fidelity_retest.py --part 0/2 --threads 1   # embed only (one of two workers)
 """
 
 from __future__ import annotations
@@ -55,20 +58,26 @@ def second_draw(task: str, fitted: set[str]) -> tuple[list[str], np.ndarray, np.
     return [data.texts[i] for i in rows], np.unique(data.labels[rows], return_inverse=True)[1], both
 
 
-def tuned_embeddings(source: str, draws: dict, embedder) -> dict[str, np.ndarray]:
-    """Source's fine-tuned encoder's embeddings of every draw B, cached."""
+def draw_a_texts(task: str) -> list[str]:
+    """Draw A: the task's held-out target rows (what eval_pool.py ranks the pool for)."""
+    data, _ = common.load_task(task)
+    return [data.texts[i] for i in common.split(task, len(data))[1]]
+
+
+def tuned_embeddings(source: str, texts: dict[str, list[str]], embedder) -> dict[str, np.ndarray]:
+    """Source's fine-tuned encoder's embeddings of each named text list, cached by name."""
     path = common.CACHE / "retest" / f"{source}.npz"
     have = dict(np.load(path)) if path.is_file() else {}
-    missing = [t for t in draws if t not in have]
+    missing = [t for t in texts if t not in have]
     if missing:
         from transformers import AutoModel
 
         tuned = embedder.with_model(AutoModel.from_pretrained(common.CACHE / "models" / source))
         for t in missing:
-            have[t] = tuned.embed(draws[t][0]).astype(np.float16)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **have)
-        print(f"embedded draw B of {len(missing)} targets with {source}", flush=True)
+            have[t] = tuned.embed(texts[t]).astype(np.float16)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **have)  # after each draw: an interrupted worker keeps what it embedded
+        print(f"embedded {len(missing)} draws with {source}", flush=True)
     return have
 
 
@@ -77,6 +86,8 @@ def main() -> None:
     ap.add_argument("--pool", type=Path, default=common.CACHE / "pool_fit3k", help="build folders with fidelity.npz")
     ap.add_argument("--index", type=Path, default=common.REPO / "indexes" / "default")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--part", default=None, metavar="I/N",
+                    help="only embed, for every N-th source from the I-th (side-by-side workers)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +96,19 @@ def main() -> None:
     tasks = common.task_ids()
     fitted = set(FIT_TEXTS.read_text(encoding="utf-8").splitlines())
     draws = {t: second_draw(t, fitted) for t in common.FIDELITY_TARGETS}
-    tuned_a = {s: dict(np.load(args.pool / s / "fidelity.npz")) for s in tasks}
-    tuned_b = {s: tuned_embeddings(s, draws, index.embedder) for s in tasks}
+    texts = {t: d[0] for t, d in draws.items()}
+    draw_a_from_encoders = not all((args.pool / s / "fidelity.npz").is_file() for s in tasks)
+    if draw_a_from_encoders:
+        print(f"no fidelity.npz in {args.pool}: the encoders embed draw A too")
+        texts |= {f"{t}:A": draw_a_texts(t) for t in common.FIDELITY_TARGETS}
+    if args.part:
+        i, n = map(int, args.part.split("/"))
+        for s in tasks[i::n]:
+            tuned_embeddings(s, texts, index.embedder)
+        return
+    tuned_b = {s: tuned_embeddings(s, texts, index.embedder) for s in tasks}
+    tuned_a = {s: ({t: tuned_b[s][f"{t}:A"] for t in common.FIDELITY_TARGETS} if draw_a_from_encoders
+                   else dict(np.load(args.pool / s / "fidelity.npz"))) for s in tasks}
 
     rows = {"retest": [], "ESM (A)": [], "ESM (B)": [], "ESM (A+B)": []}
     for t in common.FIDELITY_TARGETS:

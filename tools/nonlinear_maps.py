@@ -7,7 +7,11 @@ a linear classifier separates (only its shrinkage), so no linear ESM can carry t
 This script asks whether a small non-linear map can: for each candidate source it fits,
 on the same pairs the shipped maps are fitted on (the source's fit rows and the packaged fit
 texts), a ridge map (as the build does) and a ridge map plus a residual MLP on what the
-ridge leaves, then scores every transfer target through both and through the real encoder:
+ridge leaves, then scores every transfer target through both and through the real encoder.
+A third kind, "noise", asks a cheaper question: is the real ranking closer to the mapped
+embeddings plus what the map leaves out, drawn as Gaussian noise with the covariance of the
+ridge's residual on held-out fit pairs (LogME averaged over 3 draws)? That is what the real
+embeddings look like if the residual carries nothing about the target:
 
 * fidelity: Spearman and top-1 agreement of LogME (and of ridge LOO accuracy) through a map
   against the same on the real fine-tuned embeddings, over each target's candidates;
@@ -17,7 +21,7 @@ Nothing here changes the product. The real fine-tuned embeddings of the fit text
 in CACHE/nonlinear (from build_pool.py's encoders, about 6 min a source on one thread); the
 real encoders' scores of the targets come from transfer_report.py's rankings cache.
 
-    python tools/nonlinear_maps.py [--hidden 1024] [--fit-rows 1500] [--threads 2]
+    python tools/nonlinear_maps.py [--hidden 1024] [--fit-rows 1500] [--threads 2] [--kinds ridge,mlp,noise]
 """
 from __future__ import annotations
 
@@ -107,6 +111,26 @@ class ResidualMLP:
             return self.ridge.apply(x) + self.net(torch.from_numpy(x.astype(np.float32))).numpy()
 
 
+class NoisyRidge:
+    """The ridge map plus Gaussian noise shaped like its residual: the residual's covariance
+    is measured on a fifth of the pairs held out from a ridge fitted on the rest (an in-sample
+    residual is smaller than what the map leaves on new texts); the map itself is fitted on
+    all pairs, as the build's is. ``draws`` returns that many noisy copies, seeded."""
+
+    def __init__(self, base: np.ndarray, tuned: np.ndarray, seed: int = 0):
+        self.ridge = fit_ridge(base, tuned)
+        perm = np.random.default_rng(seed).permutation(len(base))
+        val, tr = perm[: len(base) // 5], perm[len(base) // 5:]
+        resid = tuned[val] - fit_ridge(base[tr], tuned[tr]).apply(base[val])
+        evals, evecs = np.linalg.eigh(np.cov(resid.T))
+        self.noise_root = evecs * np.sqrt(np.clip(evals, 0, None))  # noise = z @ root.T, z ~ N(0, I)
+
+    def draws(self, x: np.ndarray, count: int = 3) -> list[np.ndarray]:
+        mapped = self.ridge.apply(x)
+        return [mapped + np.random.default_rng(k).standard_normal(mapped.shape) @ self.noise_root.T
+                for k in range(count)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
@@ -119,6 +143,7 @@ def main() -> None:
     ap.add_argument("--embed-only", action="store_true",
                     help="only cache the sources' fine-tuned embeddings of their fit texts (a second worker)")
     ap.add_argument("--reverse", action="store_true", help="take the sources last first")
+    ap.add_argument("--kinds", default="ridge,mlp,noise", help="maps to score: ridge, mlp (slow to fit), noise")
     args = ap.parse_args()
     import torch
     from transformers import AutoModel
@@ -141,13 +166,18 @@ def main() -> None:
     def key(texts: list[str]) -> str:
         return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
-    maps = {}
+    kinds = args.kinds.split(",")
+    maps, noisy = {}, {}
     for s in sources[::-1] if args.reverse else sources:
         t0 = time.perf_counter()
         texts = fit_texts(s, args.fit_rows)
         base = common.base_embeddings(embedder, texts)
         real = cached(OUT / "fit" / f"{s}_{key(texts)}.npy", lambda: tuned(s).embed(texts))
         if args.embed_only:
+            continue
+        if "noise" in kinds:
+            noisy[s] = NoisyRidge(base, real)
+        if "mlp" not in kinds:
             continue
         maps[s] = ResidualMLP(base, real, args.hidden)
         r = maps[s].ridge.meta["fit"]
@@ -171,7 +201,11 @@ def main() -> None:
         real = {"LogME": orders["LogME (fine-tuned)"], "ridge LOO": orders["ridge LOO accuracy (fine-tuned)"]}
         train, _ = target_split(target, load_target(target), args.train)
         x = index.embed(train.texts)
-        mapped = {"ridge": {s: maps[s].ridge.apply(x) for s in cands}, "mlp": {s: maps[s].apply(x) for s in cands}}
+        ridge_of = {s: (maps[s].ridge if s in maps else noisy[s].ridge) for s in cands}
+        mapped = {"ridge": {s: ridge_of[s].apply(x) for s in cands} if "ridge" in kinds else None,
+                  "mlp": {s: maps[s].apply(x) for s in cands} if "mlp" in kinds else None,
+                  "noise": {s: noisy[s].draws(x) for s in cands} if "noise" in kinds else None}
+        mapped = {k: v for k, v in mapped.items() if v is not None}
         perf = {s: acc[(target, s)][0] for s in cands}
         row = {"target": target, "n": len(cands)}
         for score, fn in (("LogME", lambda f: logme(f, train.labels)),
@@ -179,7 +213,8 @@ def main() -> None:
             row[f"{score} real regret@3"] = regret(perf, real[score], 3)
             rank = {s: -i for i, s in enumerate(real[score])}
             for kind, feats in mapped.items():
-                val = {s: fn(feats[s]) for s in cands}
+                val = {s: float(np.mean([fn(f) for f in feats[s]])) if isinstance(feats[s], list) else fn(feats[s])
+                       for s in cands}
                 order = sorted(cands, key=lambda s: val[s], reverse=True)
                 row[f"{score} {kind} regret@3"] = regret(perf, order, 3)
                 row[f"{score} {kind} fidelity"] = common.spearman(np.array([rank[s] for s in order]),
