@@ -106,7 +106,7 @@ def main() -> None:
         for s in tasks[i::n]:
             tuned_embeddings(s, texts, index.embedder)
         return
-    tuned_b = {s: tuned_embeddings(s, texts, index.embedder) for s in tasks}
+    tuned_b = {s: tuned_embeddings(s, texts, index.embedder) for s in tasks}  # draw B (and A, keyed "t:A")
     tuned_a = {s: ({t: tuned_b[s][f"{t}:A"] for t in common.FIDELITY_TARGETS} if draw_a_from_encoders
                    else dict(np.load(args.pool / s / "fidelity.npz"))) for s in tasks}
 
