@@ -70,12 +70,12 @@ class ResidualMLP:
     what the ridge map leaves, by AdamW on the MSE, stopped at the best error on a tenth of
     the pairs it holds out (the ridge map is fitted on all pairs, as the build's is)."""
 
-    def __init__(self, base: np.ndarray, tuned: np.ndarray, hidden: int, epochs: int = 400, seed: int = 0,
+    def __init__(self, ridge, base: np.ndarray, tuned: np.ndarray, hidden: int, epochs: int = 400, seed: int = 0,
                  lr: float = 1e-3):
         import torch
 
         torch.manual_seed(seed)
-        self.ridge = fit_ridge(base, tuned)
+        self.ridge = ridge
         resid = tuned - self.ridge.apply(base)
         x, y = torch.from_numpy(base.astype(np.float32)), torch.from_numpy(resid.astype(np.float32))
         perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
@@ -117,8 +117,8 @@ class NoisyRidge:
     residual is smaller than what the map leaves on new texts); the map itself is fitted on
     all pairs, as the build's is. ``draws`` returns that many noisy copies, seeded."""
 
-    def __init__(self, base: np.ndarray, tuned: np.ndarray, seed: int = 0):
-        self.ridge = fit_ridge(base, tuned)
+    def __init__(self, ridge, base: np.ndarray, tuned: np.ndarray, seed: int = 0):
+        self.ridge = ridge
         perm = np.random.default_rng(seed).permutation(len(base))
         val, tr = perm[: len(base) // 5], perm[len(base) // 5:]
         resid = tuned[val] - fit_ridge(base[tr], tuned[tr]).apply(base[val])
@@ -167,7 +167,7 @@ def main() -> None:
         return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
     kinds = args.kinds.split(",")
-    maps, noisy = {}, {}
+    ridges, maps, noisy = {}, {}, {}
     for s in sources[::-1] if args.reverse else sources:
         t0 = time.perf_counter()
         texts = fit_texts(s, args.fit_rows)
@@ -175,12 +175,13 @@ def main() -> None:
         real = cached(OUT / "fit" / f"{s}_{key(texts)}.npy", lambda: tuned(s).embed(texts))
         if args.embed_only:
             continue
+        ridges[s] = fit_ridge(base, real)  # the map the build fits; the other kinds start from it
         if "noise" in kinds:
-            noisy[s] = NoisyRidge(base, real)
+            noisy[s] = NoisyRidge(ridges[s], base, real)
         if "mlp" not in kinds:
             continue
-        maps[s] = ResidualMLP(base, real, args.hidden)
-        r = maps[s].ridge.meta["fit"]
+        maps[s] = ResidualMLP(ridges[s], base, real, args.hidden)
+        r = ridges[s].meta["fit"]
         print(f"{s}: {len(texts)} pairs, identity mse {r['identity_mse']:.4f}, ridge {r['heldout_mse']:.4f}, "
               f"MLP removes {maps[s].resid_gain:.1%} of the ridge's residual on its held-out pairs, "
               f"{len(maps[s].val_curve)} epochs, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -201,8 +202,7 @@ def main() -> None:
         real = {"LogME": orders["LogME (fine-tuned)"], "ridge LOO": orders["ridge LOO accuracy (fine-tuned)"]}
         train, _ = target_split(target, load_target(target), args.train)
         x = index.embed(train.texts)
-        ridge_of = {s: (maps[s].ridge if s in maps else noisy[s].ridge) for s in cands}
-        mapped = {"ridge": {s: ridge_of[s].apply(x) for s in cands} if "ridge" in kinds else None,
+        mapped = {"ridge": {s: ridges[s].apply(x) for s in cands} if "ridge" in kinds else None,
                   "mlp": {s: maps[s].apply(x) for s in cands} if "mlp" in kinds else None,
                   "noise": {s: noisy[s].draws(x) for s in cands} if "noise" in kinds else None}
         mapped = {k: v for k, v in mapped.items() if v is not None}
